@@ -1,0 +1,96 @@
+"""Equivariant kernel bases: spherical harmonics contracted with Clebsch–Gordan coefficients.
+
+For an edge with direction ``r̂`` and a path ``(d_in, d_out)``, the basis is
+
+    basis[e, m_in, f, m_out] = sum_mJ CG_J[m_in, m_out, mJ] * Y_J(r̂_e)[mJ],
+    J = |d_in - d_out| + f,   f = 0 .. 2 min(d_in, d_out)
+
+Every layout (one path, or several paths fused block-diagonally into one tensor) is a linear
+function of the stacked harmonics ``Y[e, :]`` of all orders ``J <= 2 max_degree``, so each is a
+single matmul ``Y @ Q`` with a constant ``Q`` built once in numpy from e3nn-jax's
+Clebsch–Gordan numbers. Only ``Y`` depends on positions, and it carries gradients, so forces
+(d output / d positions) are available.
+
+>>> import numpy as np
+>>> num_frequencies(1, 2), harmonics_dim(3)
+(3, 49)
+>>> q = path_basis_matrix(1, 1)
+>>> q.shape  # [sum_J (2J+1), (2*1+1) * 3 * (2*1+1)]
+(9, 27)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import e3nn_jax as e3nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def num_frequencies(d_in: int, d_out: int) -> int:
+    """Number of harmonic orders J coupling d_in and d_out: 2 min(d_in, d_out) + 1."""
+    return 2 * min(d_in, d_out) + 1
+
+
+def harmonics_dim(max_order: int) -> int:
+    """Size of the stacked harmonics of orders 0..max_order: (max_order + 1)^2."""
+    return (max_order + 1) ** 2
+
+
+@functools.lru_cache(maxsize=None)
+def _clebsch_gordan(d_in: int, d_out: int, order: int) -> np.ndarray:
+    """CG_J[m_in, m_out, mJ] in e3nn's real basis, float64, computed once per triple."""
+    return np.asarray(e3nn.clebsch_gordan(d_in, d_out, order), dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def path_basis_matrix(d_in: int, d_out: int) -> np.ndarray:
+    """Q of one path: ``Y[:, :(2 max(d)+1)^2] @ Q`` is basis ``[2d_in+1, F, 2d_out+1]`` flattened.
+
+    Rows index the stacked harmonics (order J occupies rows J^2 .. (J+1)^2 - 1).
+    """
+    n_f = num_frequencies(d_in, d_out)
+    q = np.zeros((harmonics_dim(d_in + d_out), 2 * d_in + 1, n_f, 2 * d_out + 1))
+    for f in range(n_f):
+        order = abs(d_in - d_out) + f
+        cg = _clebsch_gordan(d_in, d_out, order)  # [m_in, m_out, mJ]
+        q[order**2:(order + 1) ** 2, :, f, :] = np.transpose(cg, (2, 0, 1))
+    q.setflags(write=False)
+    return q.reshape(q.shape[0], -1)
+
+
+def safe_directions(vectors: jax.Array, eps: float = 1e-12):
+    """Unit vectors and lengths, with zero-length vectors (padding edges) mapped to a fixed
+    direction and length 0 through a double ``where``, so no NaN appears in values or
+    gradients. Returns ``(unit [E, 3], length [E], is_zero [E])``.
+    """
+    sq = jnp.sum(vectors * vectors, axis=-1)
+    is_zero = sq <= eps
+    safe_sq = jnp.where(is_zero, 1.0, sq)
+    length = jnp.sqrt(safe_sq)
+    fallback = jnp.zeros_like(vectors).at[..., 2].set(1.0)
+    unit = jnp.where(is_zero[..., None], fallback, vectors / length[..., None])
+    return unit, jnp.where(is_zero, 0.0, length), is_zero
+
+
+def stacked_harmonics(unit_vectors: jax.Array, max_order: int) -> jax.Array:
+    """Real spherical harmonics Y_J(r̂) for J = 0..max_order, stacked: ``[E, (max_order+1)^2]``.
+
+    'component' normalisation: |Y_J|^2 = 2J + 1 on the unit sphere.
+    """
+    irreps = e3nn.Irreps([(1, (order, (-1) ** order)) for order in range(max_order + 1)])
+    return e3nn.spherical_harmonics(irreps, unit_vectors, normalize=False,
+                                    normalization="component").array
+
+
+def edge_geometry(positions: jax.Array, senders: jax.Array, receivers: jax.Array,
+                  max_order: int):
+    """Per-edge harmonics ``[E, (max_order+1)^2]`` and lengths ``[E]`` from node positions.
+
+    Relative position is destination minus source. Translation invariant by construction.
+    """
+    rel = positions[receivers] - positions[senders]
+    unit, length, _ = safe_directions(rel)
+    return stacked_harmonics(unit, max_order), length

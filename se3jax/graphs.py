@@ -1,0 +1,172 @@
+"""Padded ``jraph.GraphsTuple`` batches: the one input format of every model in se3jax.
+
+Conventions (shared by the data pipeline, the model and inference):
+
+- ``graphs.nodes = {"positions": [N, 3] float, "features": [N, F_node] float}``
+- ``graphs.edges = {"features": [E, F_edge] float}``
+- edge ``e`` goes ``senders[e] -> receivers[e]``; its relative position is
+  ``positions[receivers[e]] - positions[senders[e]]`` (destination minus source).
+- ``graphs.globals`` is ``None`` or a dict of ``[G, ...]`` arrays (e.g. ``{"target": [G]}``).
+- Batches are padded with :func:`pad_to_budget` to a fixed :class:`PaddingBudget`, so every
+  batch of a run has the same shapes and the model compiles once. The last graphs are padding
+  (jraph's convention); :func:`padding_masks` gives the masks that every reduction applies.
+
+>>> import numpy as np
+>>> g = molecule_graph(np.zeros((2, 3)), np.ones((2, 6)), senders=[0, 1], receivers=[1, 0],
+...                   edge_features=np.eye(4)[[0, 0]])
+>>> padded = pad_to_budget(g, PaddingBudget(n_node=4, n_edge=4, n_graph=2))
+>>> [m.tolist() for m in padding_masks(padded)]
+[[True, True, False, False], [True, True, False, False], [True, False]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+
+POSITIONS = "positions"
+FEATURES = "features"
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddingBudget:
+    """Fixed sizes a batch is padded to. ``n_graph`` counts the padding graph too."""
+
+    n_node: int
+    n_edge: int
+    n_graph: int
+
+    def __post_init__(self):
+        if self.n_node < 2 or self.n_edge < 1 or self.n_graph < 2:
+            raise ValueError(f"PaddingBudget needs n_node >= 2, n_edge >= 1, n_graph >= 2: {self}")
+
+    @classmethod
+    def for_batch(cls, batch_size: int, mean_nodes: float, mean_edges: float,
+                  max_nodes: int, max_edges: int, slack: float = 1.1) -> "PaddingBudget":
+        """A budget that holds ``batch_size`` typical molecules (plus ``slack``) and always
+        at least one of the largest, rounded up to multiples of 64 for friendlier shapes."""
+        def round_up(x: float) -> int:
+            return int(math.ceil(x / 64.0) * 64)
+
+        n_node = round_up(max(batch_size * mean_nodes * slack, max_nodes) + 1)
+        n_edge = round_up(max(batch_size * mean_edges * slack, max_edges) + 1)
+        return cls(n_node=n_node, n_edge=n_edge, n_graph=batch_size + 1)
+
+    def fits(self, n_node: int, n_edge: int, n_graph: int) -> bool:
+        """Whether real sizes fit: the padding graph needs one node and one graph slot."""
+        return n_node < self.n_node and n_edge <= self.n_edge and n_graph < self.n_graph
+
+
+def molecule_graph(positions, node_features, senders, receivers, edge_features,
+                   globals_: dict | None = None) -> jraph.GraphsTuple:
+    """One unpadded molecule as a GraphsTuple of numpy arrays (float32 / int32)."""
+    positions = np.asarray(positions, np.float32).reshape(-1, 3)
+    node_features = np.asarray(node_features, np.float32)
+    senders = np.asarray(senders, np.int32).reshape(-1)
+    receivers = np.asarray(receivers, np.int32).reshape(-1)
+    edge_features = np.asarray(edge_features, np.float32).reshape(len(senders), -1)
+    return jraph.GraphsTuple(
+        nodes={POSITIONS: positions, FEATURES: node_features},
+        edges={FEATURES: edge_features},
+        senders=senders,
+        receivers=receivers,
+        n_node=np.array([len(positions)], np.int32),
+        n_edge=np.array([len(senders)], np.int32),
+        globals=None if globals_ is None else {k: np.asarray(v)[None] for k, v in globals_.items()},
+    )
+
+
+def pad_to_budget(graphs: jraph.GraphsTuple | Sequence[jraph.GraphsTuple],
+                  budget: PaddingBudget) -> jraph.GraphsTuple:
+    """Batch (if given a list) and pad to ``budget``; a clear error if it does not fit."""
+    if not isinstance(graphs, jraph.GraphsTuple):
+        graphs = list(graphs)
+        if not graphs:
+            raise ValueError("pad_to_budget got an empty list of graphs")
+        graphs = jraph.batch_np(graphs)
+    n_node, n_edge, n_graph = (int(np.sum(graphs.n_node)), int(np.sum(graphs.n_edge)),
+                               len(graphs.n_node))
+    if not budget.fits(n_node, n_edge, n_graph):
+        raise ValueError(
+            f"batch of {n_graph} graphs with {n_node} nodes and {n_edge} edges does not fit the "
+            f"padding budget {budget} (one node and one graph are reserved for padding)")
+    return jraph.pad_with_graphs(graphs, budget.n_node, budget.n_edge, budget.n_graph)
+
+
+def padding_masks(graphs: jraph.GraphsTuple):
+    """Boolean masks (nodes [N], edges [E], graphs [G]): True for real entries. jit-safe."""
+    return (jraph.get_node_padding_mask(graphs), jraph.get_edge_padding_mask(graphs),
+            jraph.get_graph_padding_mask(graphs))
+
+
+def node_graph_index(graphs: jraph.GraphsTuple) -> jax.Array:
+    """For every node, the index of its graph ([N] int32). jit-safe."""
+    n_total = graphs.nodes[POSITIONS].shape[0]
+    return jnp.repeat(jnp.arange(graphs.n_node.shape[0]), graphs.n_node,
+                      total_repeat_length=n_total)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def validate_graphs(graphs, node_features_dim: int, edge_features_dim: int) -> None:
+    """Check a model input and raise a ``ValueError`` that names the problem.
+
+    Shape and dtype checks always run (shapes are static under ``jit``); value checks
+    (non-finite positions, out-of-range edge indices, node counts) run when the arrays are
+    concrete, i.e. when called outside ``jit`` -- the inference API calls it on the host.
+    """
+    if not isinstance(graphs, jraph.GraphsTuple):
+        raise ValueError(f"expected a jraph.GraphsTuple, got {type(graphs).__name__}")
+    if not isinstance(graphs.nodes, dict) or POSITIONS not in graphs.nodes or FEATURES not in graphs.nodes:
+        raise ValueError("graphs.nodes must be a dict with 'positions' [N, 3] and 'features' [N, F]")
+    if not isinstance(graphs.edges, dict) or FEATURES not in graphs.edges:
+        raise ValueError("graphs.edges must be a dict with 'features' [E, F]")
+    pos, feat, efeat = graphs.nodes[POSITIONS], graphs.nodes[FEATURES], graphs.edges[FEATURES]
+    n, e = pos.shape[0], graphs.senders.shape[0]
+    if pos.ndim != 2 or pos.shape[1] != 3:
+        raise ValueError(f"positions must have shape [N, 3], got {tuple(pos.shape)}")
+    if feat.shape != (n, node_features_dim):
+        raise ValueError(f"node features must have shape [N={n}, {node_features_dim}] for this model, "
+                         f"got {tuple(feat.shape)}")
+    if efeat.shape != (e, edge_features_dim):
+        raise ValueError(f"edge features must have shape [E={e}, {edge_features_dim}] for this model, "
+                         f"got {tuple(efeat.shape)}")
+    if graphs.receivers.shape != (e,):
+        raise ValueError(f"senders {tuple(graphs.senders.shape)} and receivers "
+                         f"{tuple(graphs.receivers.shape)} must both have shape [E]")
+    for name, arr in ((POSITIONS, pos), ("node features", feat), ("edge features", efeat)):
+        if not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got {arr.dtype}")
+    for name, arr in (("senders", graphs.senders), ("receivers", graphs.receivers),
+                      ("n_node", graphs.n_node), ("n_edge", graphs.n_edge)):
+        if not jnp.issubdtype(arr.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integers, got {arr.dtype}")
+    if graphs.n_node.shape != graphs.n_edge.shape or graphs.n_node.ndim != 1:
+        raise ValueError("n_node and n_edge must both have shape [G]")
+    if n == 0 or graphs.n_node.shape[0] == 0:
+        raise ValueError("empty graph batch: no nodes or no graphs")
+
+    leaves = (pos, feat, efeat, graphs.senders, graphs.receivers, graphs.n_node, graphs.n_edge)
+    if not all(_is_concrete(x) for x in leaves):
+        return
+    pos_np = np.asarray(pos)
+    bad = ~np.isfinite(pos_np).all(axis=1)
+    if bad.any():
+        raise ValueError(f"positions of node(s) {np.flatnonzero(bad)[:10].tolist()} are NaN or infinite")
+    if not np.isfinite(np.asarray(feat)).all() or not np.isfinite(np.asarray(efeat)).all():
+        raise ValueError("node or edge features contain NaN or infinite values")
+    if int(np.sum(graphs.n_node)) != n or int(np.sum(graphs.n_edge)) != e:
+        raise ValueError(f"n_node sums to {int(np.sum(graphs.n_node))} and n_edge to "
+                         f"{int(np.sum(graphs.n_edge))}, but there are {n} nodes and {e} edges")
+    for name, idx in (("senders", graphs.senders), ("receivers", graphs.receivers)):
+        idx = np.asarray(idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"{name} index out of range [0, {n}): min {idx.min()}, max {idx.max()}")

@@ -1,0 +1,98 @@
+"""SE(3)-equivariant multi-head graph attention with fused keys and values."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from se3jax.fiber import Fiber
+from se3jax.layers.convolution import ConvSE3, FuseLevel
+from se3jax.layers.linear import LinearSE3
+from se3jax.precision import get_policy
+
+
+def segment_softmax(logits: jax.Array, segments: jax.Array, num_segments: int,
+                    mask: jax.Array) -> jax.Array:
+    """Softmax of ``logits [E, H]`` over the edges of each segment (destination node), in
+    float32. Masked (padding) edges get weight 0 and no gradient; a segment with no real
+    edge gets no weight at all (no NaN).
+
+    >>> w = segment_softmax(jnp.array([[0.0], [0.0], [5.0]]), jnp.array([0, 0, 1]), 2,
+    ...                     jnp.array([True, True, False]))
+    >>> w[:, 0].tolist()
+    [0.5, 0.5, 0.0]
+    """
+    logits = jnp.where(mask[:, None], logits.astype(jnp.float32), -1e30)
+    # The shift leaves the softmax unchanged: no gradient needs to flow through the max.
+    shift = jax.lax.stop_gradient(jax.ops.segment_max(logits, segments, num_segments))
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    ex = jnp.where(mask[:, None], jnp.exp(logits - shift[segments]), 0.0)
+    denom = jax.ops.segment_sum(ex, segments, num_segments)
+    return ex / jnp.where(denom > 0, denom, 1.0)[segments]
+
+
+def split_heads(features: dict, num_heads: int) -> jax.Array:
+    """``{d: [X, C_d, 2d+1]}`` -> ``[X, H, sum_d (C_d / H)(2d+1)]``: each head gets whole
+    channels of every degree, so a per-head dot product stays rotation invariant."""
+    parts = []
+    for d in sorted(features):
+        x = features[d]
+        c = x.shape[1]
+        if c % num_heads:
+            raise ValueError(f"degree {d} has {c} channels, not divisible by {num_heads} heads")
+        parts.append(x.reshape(x.shape[0], num_heads, (c // num_heads) * x.shape[2]))
+    return jnp.concatenate(parts, axis=-1)
+
+
+class AttentionBlockSE3(nn.Module):
+    """Attention block: queries from a per-degree linear map of the node features; keys and
+    values from ONE TFN convolution whose output fiber is ``value_fiber + key_fiber``
+    (split afterwards); per-head dot-product attention over each node's incoming edges;
+    output concatenated with the block input per degree and projected to ``fiber_out``.
+    """
+
+    fiber_in: Fiber
+    fiber_out: Fiber
+    max_degree: int
+    num_heads: int = 8
+    channels_div: int = 2
+    fuse_level: FuseLevel | str = FuseLevel.AUTO
+    precision: str = "fp32"
+    edge_chunk: int | None = None
+    remat: bool = True
+
+    def fibers(self):
+        value_fiber = self.fiber_out // self.channels_div
+        key_fiber = value_fiber.restrict(self.fiber_in.degrees)  # queries need input degrees
+        return value_fiber, key_fiber
+
+    @nn.compact
+    def __call__(self, features: dict, edge_scalars, bases, senders, receivers, edge_mask):
+        value_fiber, key_fiber = self.fibers()
+        kv = ConvSE3(self.fiber_in, value_fiber + key_fiber, self.max_degree, self.fuse_level,
+                     precision=self.precision, edge_chunk=self.edge_chunk, remat=self.remat,
+                     return_messages=True, name="key_value_conv")(
+            features, edge_scalars, bases, senders, receivers, edge_mask)
+        values = {d: kv[d][:, :value_fiber[d]] for d in value_fiber.degrees}
+        keys = {d: kv[d][:, value_fiber[d]:] for d in key_fiber.degrees}
+        queries = LinearSE3(self.fiber_in, key_fiber, name="query")(features)
+
+        compute_dtype = get_policy(self.precision).compute_dtype
+        k = split_heads(keys, self.num_heads).astype(compute_dtype)
+        q = split_heads(queries, self.num_heads).astype(compute_dtype)[receivers]
+        logits = jnp.einsum("ehc,ehc->eh", k, q, preferred_element_type=jnp.float32)
+        logits = logits / jnp.sqrt(float(key_fiber.num_features))
+        num_nodes = next(iter(features.values())).shape[0]
+        alpha = segment_softmax(logits, receivers, num_nodes, edge_mask)   # [E, H]
+
+        attended = {}
+        for d, c in value_fiber:
+            v = values[d].reshape(-1, self.num_heads, c // self.num_heads, 2 * d + 1)
+            weighted = (v * alpha[:, :, None, None]).reshape(-1, c, 2 * d + 1)
+            attended[d] = jax.ops.segment_sum(weighted, receivers, num_nodes)
+
+        skip = self.fiber_in.restrict(value_fiber.degrees)
+        z = {d: jnp.concatenate([attended[d], features[d].astype(jnp.float32)], axis=1)
+             if d in skip else attended[d] for d in value_fiber.degrees}
+        return LinearSE3(value_fiber + skip, self.fiber_out, name="project")(z)

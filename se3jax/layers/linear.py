@@ -1,0 +1,32 @@
+"""LinearSE3: per-degree channel mixing. No bias: a bias would break equivariance for d > 0."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from se3jax.fiber import Fiber
+
+
+class LinearSE3(nn.Module):
+    """``out[d] = W_d @ x[d]`` over channels, for every degree of ``fiber_out``.
+
+    Every output degree must be present in ``fiber_in``.
+    """
+
+    fiber_in: Fiber
+    fiber_out: Fiber
+
+    @nn.compact
+    def __call__(self, features: dict) -> dict:
+        self.fiber_in.check_features(features, "LinearSE3 input")
+        missing = [d for d in self.fiber_out.degrees if d not in self.fiber_in]
+        if missing:
+            raise ValueError(f"LinearSE3 cannot create degrees {missing} absent from {self.fiber_in}")
+        out = {}
+        for d, c_out in self.fiber_out:
+            c_in = self.fiber_in[d]
+            w = self.param(f"weight_{d}", nn.initializers.normal(1.0), (c_out, c_in))
+            out[d] = jnp.einsum("oi,nim->nom", w / jnp.sqrt(c_in), features[d].astype(jnp.float32))
+        return out
