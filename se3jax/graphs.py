@@ -100,15 +100,26 @@ def pad_to_budget(graphs: jraph.GraphsTuple | Sequence[jraph.GraphsTuple],
 
 
 def padding_masks(graphs: jraph.GraphsTuple):
-    """Boolean masks (nodes [N], edges [E], graphs [G]): True for real entries. jit-safe."""
-    return (jraph.get_node_padding_mask(graphs), jraph.get_edge_padding_mask(graphs),
-            jraph.get_graph_padding_mask(graphs))
+    """Boolean masks (nodes [N], edges [E], graphs [G]): True for real entries. jit-safe.
+
+    jraph's convention: the first padding graph holds every padding node and edge (and at
+    least one node); any further padding graphs are empty and trail it.
+    """
+    n_node, n_edge = jnp.asarray(graphs.n_node), jnp.asarray(graphs.n_edge)
+    num_graphs = n_node.shape[0]
+    num_padding_graphs = jnp.argmin(n_node[::-1] == 0) + 1
+    graph_mask = jnp.arange(num_graphs) < num_graphs - num_padding_graphs
+    real_nodes = jnp.sum(jnp.where(graph_mask, n_node, 0))
+    real_edges = jnp.sum(jnp.where(graph_mask, n_edge, 0))
+    node_mask = jnp.arange(graphs.nodes[POSITIONS].shape[0]) < real_nodes
+    edge_mask = jnp.arange(graphs.senders.shape[0]) < real_edges
+    return node_mask, edge_mask, graph_mask
 
 
 def node_graph_index(graphs: jraph.GraphsTuple) -> jax.Array:
     """For every node, the index of its graph ([N] int32). jit-safe."""
     n_total = graphs.nodes[POSITIONS].shape[0]
-    return jnp.repeat(jnp.arange(graphs.n_node.shape[0]), graphs.n_node,
+    return jnp.repeat(jnp.arange(graphs.n_node.shape[0]), jnp.asarray(graphs.n_node),
                       total_repeat_length=n_total)
 
 

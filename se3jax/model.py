@@ -14,6 +14,7 @@ from se3jax.layers.attention import AttentionBlockSE3
 from se3jax.layers.convolution import ConvSE3, FuseLevel, pair_bases
 from se3jax.layers.norm import NormSE3
 from se3jax.layers.pooling import pool_nodes
+from se3jax.precision import at_least_f32
 
 # Edges per chunk in low-memory mode: the per-edge radial weights of one chunk (~45k floats
 # per edge) stay around 12 MB instead of ~700 MB for a 100-molecule batch.
@@ -92,8 +93,8 @@ class SE3TransformerPooled(nn.Module):
                                            graphs.receivers, 2 * max_degree)
         bases = pair_bases(harmonics, max_degree)
         edge_scalars = jnp.concatenate(
-            [graphs.edges[FEATURES].astype(jnp.float32), lengths[:, None]], axis=-1)
-        features = {0: graphs.nodes[FEATURES].astype(jnp.float32)[:, :, None]}
+            [at_least_f32(graphs.edges[FEATURES]), lengths[:, None]], axis=-1)
+        features = {0: at_least_f32(graphs.nodes[FEATURES])[:, :, None]}
         out = self.trunk()(features, edge_scalars, bases, graphs.senders, graphs.receivers,
                            edge_mask)
         num_graphs = graphs.n_node.shape[0]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-POLICIES = ("fp32", "bf16", "fp16")
+POLICIES = ("fp32", "bf16", "fp16", "fp64")  # fp64: for tests and debugging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,15 +31,25 @@ class Policy:
         """fp16 has a narrow exponent range: gradients underflow without loss scaling."""
         return self.name == "fp16"
 
+    @property
+    def accumulation_dtype(self) -> np.dtype:
+        """Contractions produce (and sums accumulate in) at least float32."""
+        return np.dtype(jnp.promote_types(self.compute_dtype, jnp.float32))
+
     def cast(self, x: jax.Array) -> jax.Array:
         return x.astype(self.compute_dtype)
+
+
+def at_least_f32(x: jax.Array) -> jax.Array:
+    """``x`` in float32, or kept in float64 if it already is (norms, softmax, sums)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def get_policy(policy: "str | Policy") -> Policy:
     """The policy named ``fp32``, ``bf16`` or ``fp16`` (a Policy is passed through)."""
     if isinstance(policy, Policy):
         return policy
-    dtypes = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+    dtypes = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16, "fp64": jnp.float64}
     if policy not in dtypes:
         raise ValueError(f"unknown precision {policy!r}; choose one of {POLICIES}")
     return Policy(policy, np.dtype(dtypes[policy]))

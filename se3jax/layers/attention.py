@@ -9,13 +9,13 @@ import jax.numpy as jnp
 from se3jax.fiber import Fiber
 from se3jax.layers.convolution import ConvSE3, FuseLevel
 from se3jax.layers.linear import LinearSE3
-from se3jax.precision import get_policy
+from se3jax.precision import at_least_f32, get_policy
 
 
 def segment_softmax(logits: jax.Array, segments: jax.Array, num_segments: int,
                     mask: jax.Array) -> jax.Array:
     """Softmax of ``logits [E, H]`` over the edges of each segment (destination node), in
-    float32. Masked (padding) edges get weight 0 and no gradient; a segment with no real
+    (at least) float32. Masked (padding) edges get weight 0 and no gradient; a segment with no real
     edge gets no weight at all (no NaN).
 
     >>> w = segment_softmax(jnp.array([[0.0], [0.0], [5.0]]), jnp.array([0, 0, 1]), 2,
@@ -23,7 +23,7 @@ def segment_softmax(logits: jax.Array, segments: jax.Array, num_segments: int,
     >>> w[:, 0].tolist()
     [0.5, 0.5, 0.0]
     """
-    logits = jnp.where(mask[:, None], logits.astype(jnp.float32), -1e30)
+    logits = jnp.where(mask[:, None], at_least_f32(logits), -1e30)
     # The shift leaves the softmax unchanged: no gradient needs to flow through the max.
     shift = jax.lax.stop_gradient(jax.ops.segment_max(logits, segments, num_segments))
     shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
@@ -78,10 +78,10 @@ class AttentionBlockSE3(nn.Module):
         keys = {d: kv[d][:, value_fiber[d]:] for d in key_fiber.degrees}
         queries = LinearSE3(self.fiber_in, key_fiber, name="query")(features)
 
-        compute_dtype = get_policy(self.precision).compute_dtype
-        k = split_heads(keys, self.num_heads).astype(compute_dtype)
-        q = split_heads(queries, self.num_heads).astype(compute_dtype)[receivers]
-        logits = jnp.einsum("ehc,ehc->eh", k, q, preferred_element_type=jnp.float32)
+        policy = get_policy(self.precision)
+        k = policy.cast(split_heads(keys, self.num_heads))
+        q = policy.cast(split_heads(queries, self.num_heads))[receivers]
+        logits = jnp.einsum("ehc,ehc->eh", k, q, preferred_element_type=policy.accumulation_dtype)
         logits = logits / jnp.sqrt(float(key_fiber.num_features))
         num_nodes = next(iter(features.values())).shape[0]
         alpha = segment_softmax(logits, receivers, num_nodes, edge_mask)   # [E, H]
@@ -93,6 +93,6 @@ class AttentionBlockSE3(nn.Module):
             attended[d] = jax.ops.segment_sum(weighted, receivers, num_nodes)
 
         skip = self.fiber_in.restrict(value_fiber.degrees)
-        z = {d: jnp.concatenate([attended[d], features[d].astype(jnp.float32)], axis=1)
+        z = {d: jnp.concatenate([attended[d], at_least_f32(features[d])], axis=1)
              if d in skip else attended[d] for d in value_fiber.degrees}
         return LinearSE3(value_fiber + skip, self.fiber_out, name="project")(z)

@@ -102,7 +102,7 @@ def pair_basis_matrix(max_degree: int) -> tuple[np.ndarray, dict]:
         blocks.append(np.pad(q, ((0, rows - q.shape[0]), (0, 0))))
         offsets[(d_in, d_out)] = col
         col += q.shape[1]
-    q = np.concatenate(blocks, axis=1).astype(np.float32)
+    q = np.concatenate(blocks, axis=1)  # float64; cast to the harmonics dtype when used
     return q, offsets
 
 
@@ -217,9 +217,11 @@ def tfn_messages(plan: ConvPlan, hidden: jax.Array, kernel: jax.Array, x_src: di
 
     ``hidden`` [E, mid] and ``kernel`` [mid, n_weights] are the radial MLP's last activation
     and kernel; ``x_src`` holds source-node features per degree ``[E, c_in, 2d+1]``;
-    ``bases`` the shared pair bases ``[E, n_pair_basis]``.
+    ``bases`` the shared pair bases ``[E, n_pair_basis]``. Contractions run in
+    ``compute_dtype`` and return at least float32.
     """
     num_edges = hidden.shape[0]
+    accumulation_dtype = jnp.promote_types(compute_dtype, jnp.float32)
     h = hidden.astype(compute_dtype)
     out = {}
     for group in plan.groups:
@@ -231,7 +233,7 @@ def tfn_messages(plan: ConvPlan, hidden: jax.Array, kernel: jax.Array, x_src: di
         w = jnp.take(kernel, jnp.asarray(group.weight_index), axis=1).astype(compute_dtype)
         radial = jnp.dot(h, w).reshape(num_edges, group.c_out, group.c_in * group.n_freq)
         msg = jnp.einsum("eoj,ejk->eok", radial, tmp.reshape(num_edges, -1, group.out_dim),
-                         preferred_element_type=jnp.float32)
+                         preferred_element_type=accumulation_dtype)
         start = 0
         for b in group.out_degrees:
             piece = msg[..., start:start + degree_dim(b)]
@@ -303,8 +305,7 @@ class ConvSE3(nn.Module):
         if self.remat:
             messages = jax.checkpoint(messages)
         msgs = chunked_edge_map(messages, hidden.shape[0], self.edge_chunk, hidden, x_src, bases)
-        mask = edge_mask.astype(jnp.float32)[:, None, None]
-        msgs = {d: m * mask for d, m in msgs.items()}
+        msgs = {d: jnp.where(edge_mask[:, None, None], m, 0.0) for d, m in msgs.items()}
         if self.return_messages:
             return msgs
         num_nodes = next(iter(features.values())).shape[0]

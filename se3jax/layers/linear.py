@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from se3jax.fiber import Fiber
+from se3jax.precision import at_least_f32
 
 
 class LinearSE3(nn.Module):
@@ -28,5 +29,5 @@ class LinearSE3(nn.Module):
         for d, c_out in self.fiber_out:
             c_in = self.fiber_in[d]
             w = self.param(f"weight_{d}", nn.initializers.normal(1.0), (c_out, c_in))
-            out[d] = jnp.einsum("oi,nim->nom", w / jnp.sqrt(c_in), features[d].astype(jnp.float32))
+            out[d] = jnp.einsum("oi,nim->nom", w / jnp.sqrt(c_in), at_least_f32(features[d]))
         return out

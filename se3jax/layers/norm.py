@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from se3jax.fiber import Fiber
+from se3jax.precision import at_least_f32
 
 NORM_CLAMP = 2.0**-24  # keeps x / |x| finite for (near-)zero features, e.g. padding nodes
 
@@ -21,7 +22,7 @@ class NormSE3(nn.Module):
     """Per degree: ``n = |x|`` over components, ``out = x / n * ReLU(LayerNorm_channels(n))``.
 
     Rotations change only the direction of each channel's vector, never ``n``, so the output
-    is equivariant. Computed in float32.
+    is equivariant. Computed in (at least) float32.
     """
 
     fiber: Fiber
@@ -31,7 +32,7 @@ class NormSE3(nn.Module):
         self.fiber.check_features(features, "NormSE3 input")
         out = {}
         for d, _ in self.fiber:
-            x = features[d].astype(jnp.float32)
+            x = at_least_f32(features[d])
             n = safe_norm(x)                                        # [N, C, 1]
             new = nn.relu(nn.LayerNorm(name=f"layer_norm_{d}")(n[..., 0]))[..., None]
             out[d] = x * (new / n)

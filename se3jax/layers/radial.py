@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from se3jax.precision import at_least_f32
+
 
 def scaled_normal_columns(column_scale: np.ndarray):
     """Initialiser for a ``[hidden, n]`` kernel whose column ``j`` has std ``column_scale[j]``.
@@ -37,7 +39,7 @@ class RadialProfile(nn.Module):
 
     @nn.compact
     def __call__(self, edge_scalars: jax.Array):
-        h = edge_scalars.astype(jnp.float32)
+        h = at_least_f32(edge_scalars)
         for i in range(2):
             h = nn.Dense(self.mid_dim, name=f"dense_{i}")(h)
             h = nn.LayerNorm(name=f"norm_{i}")(h)

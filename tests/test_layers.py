@@ -1,0 +1,144 @@
+"""Every layer is SE(3)-equivariant, and every fusion level computes the same function.
+
+Tolerances: float64 runs must be equivariant to rounding level (<= 1e-9 relative). Float32
+runs use 1e-5 relative: float32 epsilon is 1.2e-7 and a layer sums O(10^3) terms per output,
+so rounding alone reaches a few 1e-6 while a real equivariance bug gives O(1) errors.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from se3jax.basis import edge_geometry
+from se3jax.fiber import Fiber
+from se3jax.graphs import FEATURES, POSITIONS, padding_masks
+from se3jax.layers import (AttentionBlockSE3, ConvSE3, FuseLevel, LinearSE3, NormSE3,
+                           allowed_levels, pair_bases)
+from se3jax.testing import assert_equivariant, relative_error
+
+MAX_DEGREE = 3
+UNIFORM = Fiber.create(4, 4)
+RAGGED_IN, RAGGED_OUT = Fiber({0: 3, 1: 2, 3: 2}), Fiber({0: 2, 2: 3})
+LEVELS = [FuseLevel.NONE, FuseLevel.PARTIAL_OUT, FuseLevel.PARTIAL_IN, FuseLevel.FULL]
+
+
+def random_features(fiber: Fiber, num_nodes: int, dtype, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {d: jnp.asarray(rng.normal(size=(num_nodes, c, 2 * d + 1)), dtype) for d, c in fiber}
+
+
+def graph_layer_fn(module, params, graphs, precision_dtype):
+    """(positions, features) -> module outputs, recomputing edge geometry from positions."""
+    _, edge_mask, _ = padding_masks(graphs)
+
+    @jax.jit
+    def fn(positions, features):
+        harmonics, lengths = edge_geometry(positions, graphs.senders, graphs.receivers, 2 * MAX_DEGREE)
+        bases = pair_bases(harmonics, MAX_DEGREE)
+        scalars = jnp.concatenate([graphs.edges[FEATURES].astype(precision_dtype), lengths[:, None]], -1)
+        return module.apply(params, features, scalars, bases, graphs.senders, graphs.receivers, edge_mask)
+    return fn
+
+
+def init_graph_layer(module, graphs, fiber_in, dtype):
+    positions = jnp.asarray(graphs.nodes[POSITIONS], dtype)
+    features = random_features(fiber_in, positions.shape[0], dtype)
+    _, edge_mask, _ = padding_masks(graphs)
+    harmonics, lengths = edge_geometry(positions, graphs.senders, graphs.receivers, 2 * MAX_DEGREE)
+    scalars = jnp.concatenate([graphs.edges[FEATURES].astype(dtype), lengths[:, None]], -1)
+    params = module.init(jax.random.PRNGKey(0), features, scalars, pair_bases(harmonics, MAX_DEGREE),
+                         graphs.senders, graphs.receivers, edge_mask)
+    return params, positions, features
+
+
+GRAPH_LAYERS = {
+    "conv_uniform": lambda level, p: ConvSE3(UNIFORM, UNIFORM, MAX_DEGREE, level, precision=p),
+    "conv_ragged_self_interaction": lambda level, p: ConvSE3(
+        RAGGED_IN, RAGGED_OUT, MAX_DEGREE, level, self_interaction=True, precision=p),
+    "conv_chunked": lambda level, p: ConvSE3(UNIFORM, UNIFORM, MAX_DEGREE, level, precision=p,
+                                             edge_chunk=40),
+    "attention": lambda level, p: AttentionBlockSE3(UNIFORM, Fiber.create(4, 8), MAX_DEGREE,
+                                                    num_heads=2, fuse_level=level, precision=p),
+    "attention_first_layer": lambda level, p: AttentionBlockSE3(
+        Fiber({0: 6}), Fiber.create(4, 8), MAX_DEGREE, num_heads=2, fuse_level=level, precision=p),
+}
+FIBER_IN = {"conv_uniform": UNIFORM, "conv_ragged_self_interaction": RAGGED_IN,
+            "conv_chunked": UNIFORM, "attention": UNIFORM, "attention_first_layer": Fiber({0: 6})}
+
+
+@pytest.mark.parametrize("layer", sorted(GRAPH_LAYERS))
+@pytest.mark.parametrize("level", LEVELS, ids=lambda l: l.value)
+def test_graph_layers_equivariant_float64(layer, level, small_batch, rotations, x64):
+    module = GRAPH_LAYERS[layer](level, "fp64")
+    params, positions, features = init_graph_layer(module, small_batch, FIBER_IN[layer], jnp.float64)
+    fn = graph_layer_fn(module, params, small_batch, jnp.float64)
+    assert_equivariant(fn, positions, features, rotations, rtol=1e-9,
+                       translation=jnp.array([0.3, -2.0, 1.5]))
+
+
+@pytest.mark.parametrize("layer", ["conv_uniform", "attention"])
+def test_graph_layers_equivariant_float32(layer, small_batch, rotations):
+    module = GRAPH_LAYERS[layer](FuseLevel.AUTO, "fp32")
+    params, positions, features = init_graph_layer(module, small_batch, FIBER_IN[layer], jnp.float32)
+    fn = graph_layer_fn(module, params, small_batch, jnp.float32)
+    assert_equivariant(fn, positions, features, rotations, rtol=1e-5)
+
+
+@pytest.mark.parametrize("module,fiber", [
+    (LinearSE3(UNIFORM, Fiber({0: 3, 1: 5, 3: 2})), UNIFORM),
+    (NormSE3(UNIFORM), UNIFORM),
+])
+def test_node_layers_equivariant_float64(module, fiber, rotations, x64):
+    features = random_features(fiber, 6, jnp.float64)
+    params = module.init(jax.random.PRNGKey(0), features)
+    fn = jax.jit(lambda positions, feats: module.apply(params, feats))
+    assert_equivariant(fn, jnp.zeros((6, 3)), features, rotations, rtol=1e-9)
+
+
+@pytest.mark.parametrize("layer", ["conv_uniform", "conv_ragged_self_interaction", "attention"])
+def test_fusion_levels_agree_values_and_gradients(layer, small_batch):
+    """Same parameters at every level (one canonical kernel) -> same outputs and gradients."""
+    reference = GRAPH_LAYERS[layer](FuseLevel.NONE, "fp32")
+    params, positions, features = init_graph_layer(reference, small_batch, FIBER_IN[layer], jnp.float32)
+
+    def outputs_and_grads(level):
+        module = GRAPH_LAYERS[layer](level, "fp32")
+        _, edge_mask, _ = padding_masks(small_batch)
+
+        def loss(params, positions, features):
+            harmonics, lengths = edge_geometry(positions, small_batch.senders, small_batch.receivers,
+                                               2 * MAX_DEGREE)
+            scalars = jnp.concatenate([small_batch.edges[FEATURES], lengths[:, None]], -1)
+            out = module.apply(params, features, scalars, pair_bases(harmonics, MAX_DEGREE),
+                               small_batch.senders, small_batch.receivers, edge_mask)
+            return sum(jnp.sum(jnp.sin(v)) for v in out.values()), out
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, positions, features)
+
+    (_, ref_out), ref_grads = outputs_and_grads(FuseLevel.NONE)
+    for level in LEVELS[1:]:
+        (_, out), grads = outputs_and_grads(level)
+        for d in ref_out:
+            assert relative_error(out[d], ref_out[d]) < 1e-5, (level, d)
+        for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            assert g.shape == g_ref.shape
+            assert relative_error(g, g_ref) < 1e-4, level
+
+
+def test_allowed_levels_follow_the_fibers():
+    assert set(allowed_levels(UNIFORM, UNIFORM)) == {FuseLevel.NONE, FuseLevel.PARTIAL_OUT,
+                                                      FuseLevel.PARTIAL_IN, FuseLevel.FULL}
+    assert allowed_levels(Fiber({0: 6}), Fiber({0: 32, 1: 16})) == (FuseLevel.NONE,)
+    assert FuseLevel.PARTIAL_OUT in allowed_levels(UNIFORM, Fiber({0: 128}))
+
+
+def test_conv_rejects_features_of_the_wrong_fiber(small_batch):
+    module = GRAPH_LAYERS["conv_uniform"](FuseLevel.NONE, "fp32")
+    params, positions, features = init_graph_layer(module, small_batch, UNIFORM, jnp.float32)
+    fn = graph_layer_fn(module, params, small_batch, jnp.float32)
+    bad = dict(features)
+    bad[2] = bad[2][:, :3]
+    with pytest.raises(ValueError, match=r"input\[2\] has shape"):
+        fn(positions, bad)

@@ -1,0 +1,191 @@
+"""The whole model: equivariance, invariances, execution modes that must not change results,
+finite gradients with padding, and clear errors for bad input.
+
+A reduced model (2 layers, 8 channels, 2 heads) keeps the suite fast; it exercises every
+code path of the QM9 network (first ragged layer, hidden fused layers, output conv, pooling).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+import pytest
+
+from se3jax.basis import edge_geometry
+from se3jax.fiber import Fiber
+from se3jax.graphs import FEATURES, POSITIONS, PaddingBudget, pad_to_budget, padding_masks
+from se3jax.layers import FuseLevel, pair_bases
+from se3jax.model import SE3Transformer, SE3TransformerPooled
+from se3jax.testing import assert_equivariant, relative_error, synthetic_molecule
+
+SMALL = dict(num_layers=2, num_channels=8, num_heads=2)
+
+
+def small_model(**overrides):
+    return SE3TransformerPooled(**{**SMALL, **overrides})
+
+
+def with_positions(graphs, positions):
+    return graphs._replace(nodes={**graphs.nodes, POSITIONS: positions})
+
+
+def cast_floats(graphs, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x, graphs)
+
+
+@pytest.fixture
+def model_and_params(small_batch):
+    model = small_model()
+    return model, model.init(jax.random.PRNGKey(0), small_batch)
+
+
+def test_qm9_model_has_reference_size(small_batch):
+    shapes = jax.eval_shape(SE3TransformerPooled().init, jax.random.PRNGKey(0), small_batch)
+    count = sum(x.size for x in jax.tree.leaves(shapes))
+    assert 9.2e6 < count < 9.4e6, count  # reference: about 9.3 M
+
+
+def test_trunk_equivariant_float64_all_degrees(small_batch, rotations, x64):
+    """Trunk with outputs of degrees 0..2: invariant scalars, D(R)-rotating vectors/tensors."""
+    trunk = SE3Transformer(Fiber({0: 6}), Fiber.create(4, 8), Fiber({0: 3, 1: 2, 2: 2}),
+                           num_layers=2, num_heads=2, precision="fp64")
+    graphs = cast_floats(small_batch, jnp.float64)
+    _, edge_mask, _ = padding_masks(graphs)
+
+    def fn(positions, features):
+        harmonics, lengths = edge_geometry(positions, graphs.senders, graphs.receivers, 6)
+        scalars = jnp.concatenate([graphs.edges[FEATURES], lengths[:, None]], -1)
+        return trunk.apply(params, features, scalars, pair_bases(harmonics, 3), graphs.senders,
+                           graphs.receivers, edge_mask)
+
+    features = {0: graphs.nodes[FEATURES][:, :, None]}
+    positions = graphs.nodes[POSITIONS]
+    harmonics, lengths = edge_geometry(positions, graphs.senders, graphs.receivers, 6)
+    params = trunk.init(jax.random.PRNGKey(1), features,
+                        jnp.concatenate([graphs.edges[FEATURES], lengths[:, None]], -1),
+                        pair_bases(harmonics, 3), graphs.senders, graphs.receivers, edge_mask)
+    assert_equivariant(jax.jit(fn), positions, features, rotations, rtol=1e-9,
+                       translation=jnp.array([5.0, -1.0, 2.0]))
+
+
+def pooled_fn(model, params, graphs):
+    return jax.jit(lambda positions, features: {0: model.apply(params, with_positions(graphs, positions))[:, None, None]})
+
+
+def test_pooled_model_invariant_float64(small_batch, rotations, x64):
+    graphs = cast_floats(small_batch, jnp.float64)
+    model = small_model(precision="fp64")
+    params = model.init(jax.random.PRNGKey(0), graphs)
+    assert_equivariant(pooled_fn(model, params, graphs), graphs.nodes[POSITIONS], {}, rotations,
+                       rtol=1e-9, translation=jnp.array([10.0, 3.0, -7.0]))
+
+
+def test_pooled_model_invariant_float32(model_and_params, small_batch, rotations):
+    model, params = model_and_params
+    assert_equivariant(pooled_fn(model, params, small_batch), jnp.asarray(small_batch.nodes[POSITIONS]),
+                       {}, rotations, rtol=1e-5, translation=jnp.array([10.0, 3.0, -7.0]))
+
+
+def _molecules(seed=3, sizes=(5, 9, 7)):
+    rng = np.random.default_rng(seed)
+    return [synthetic_molecule(rng, n, num_rings=1) for n in sizes]
+
+
+def _permute_nodes(graph, perm):
+    """Relabel a single molecule's nodes by ``perm`` (new node k = old node perm[k])."""
+    inverse = np.argsort(perm)
+    return graph._replace(nodes=jax.tree.map(lambda x: x[perm], graph.nodes),
+                          senders=inverse[graph.senders].astype(np.int32),
+                          receivers=inverse[graph.receivers].astype(np.int32))
+
+
+def test_permutation_and_padding_invariance(model_and_params):
+    model, params = model_and_params
+    apply = jax.jit(model.apply)
+    mols = _molecules()
+    budget_a, budget_b = PaddingBudget(32, 80, 4), PaddingBudget(64, 128, 9)
+    out_a = apply(params, pad_to_budget(mols, budget_a))[:3]
+    out_b = apply(params, pad_to_budget(mols, budget_b))[:3]
+    np.testing.assert_allclose(out_a, out_b, rtol=1e-6, atol=1e-6)
+
+    rng = np.random.default_rng(0)
+    permuted = [_permute_nodes(m, rng.permutation(int(m.n_node[0]))) for m in mols]
+    # permute atoms within molecules, reorder edges, and reorder the molecules in the batch
+    permuted = [p._replace(senders=p.senders[::-1], receivers=p.receivers[::-1],
+                           edges=jax.tree.map(lambda x: x[::-1], p.edges)) for p in permuted]
+    out_p = apply(params, pad_to_budget([permuted[2], permuted[0], permuted[1]], budget_a))
+    np.testing.assert_allclose(out_p[jnp.array([1, 2, 0])], out_a, rtol=1e-5, atol=1e-6)
+    assert float(jnp.std(out_a)) > 0  # molecules are distinguished
+
+
+@pytest.mark.parametrize("level", [FuseLevel.NONE, FuseLevel.PARTIAL_IN, FuseLevel.FULL],
+                         ids=lambda l: l.value)
+def test_fusion_levels_and_low_memory_match_default(level, small_batch, model_and_params):
+    """Execution choices share parameters and give the same values and gradients."""
+    model, params = model_and_params
+
+    def value_and_grad(m):
+        loss = lambda p, pos: jnp.sum(m.apply(p, with_positions(small_batch, pos)) ** 2)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, small_batch.nodes[POSITIONS])
+
+    ref_value, ref_grads = value_and_grad(model)
+    for variant in (small_model(fuse_level=level), small_model(fuse_level=level, low_memory=True)):
+        value, grads = value_and_grad(variant)
+        assert relative_error(value, ref_value) < 1e-5
+        for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            assert relative_error(g, g_ref) < 1e-4
+
+
+@pytest.mark.parametrize("precision,rtol", [("bf16", 5e-2), ("fp16", 1e-2)])
+def test_reduced_precision_close_to_fp32(precision, rtol, model_and_params, small_batch):
+    """bf16 keeps 8 mantissa bits (~4e-3 per rounding), fp16 11 bits (~5e-4); errors compound
+    over 2 layers, so predictions must agree within 5% / 1% of their scale."""
+    model, params = model_and_params
+    ref = jax.jit(model.apply)(params, small_batch)
+    out = jax.jit(small_model(precision=precision).apply)(params, small_batch)
+    assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+    err = relative_error(out[:3], ref[:3])
+    assert 0 < err < rtol, err  # > 0: the reduced precision path really ran
+
+
+def test_gradients_finite_with_padding(model_and_params, small_batch, debug_nans):
+    """Padding nodes all sit at the origin: padded edges have zero length."""
+    model, params = model_and_params
+    real = padding_masks(small_batch)[2]
+
+    def loss(p, pos):
+        out = model.apply(p, with_positions(small_batch, pos))
+        return jnp.sum(jnp.where(real, out, 0.0) ** 2)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, small_batch.nodes[POSITIONS])
+    for g in jax.tree.leaves(grads):
+        assert bool(jnp.all(jnp.isfinite(g)))
+    assert float(jnp.abs(grads[1]).max()) > 0
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda g: g._replace(nodes={**g.nodes, POSITIONS: g.nodes[POSITIONS].at[2, 1].set(np.nan)}), "NaN or infinite"),
+    (lambda g: g._replace(nodes={**g.nodes, POSITIONS: g.nodes[POSITIONS].at[0, 0].set(np.inf)}), "NaN or infinite"),
+    (lambda g: g._replace(nodes={**g.nodes, FEATURES: g.nodes[FEATURES][:, :5]}), "node features must have shape"),
+    (lambda g: g._replace(edges={FEATURES: g.edges[FEATURES][:, :3]}), "edge features must have shape"),
+    (lambda g: g._replace(nodes={**g.nodes, POSITIONS: g.nodes[POSITIONS][:, :2]}), r"positions must have shape \[N, 3\]"),
+    (lambda g: g._replace(senders=g.senders.at[0].set(10_000)), "senders index out of range"),
+    (lambda g: g._replace(nodes={**g.nodes, FEATURES: g.nodes[FEATURES].astype(jnp.int32)}), "must be floating point"),
+    (lambda g: g._replace(nodes={"positions": g.nodes[POSITIONS]}), "graphs.nodes must be a dict"),
+    (lambda g: (g.nodes, g.edges), "expected a jraph.GraphsTuple"),
+])
+def test_bad_inputs_raise_clear_errors(mutate, message, model_and_params, small_batch):
+    model, params = model_and_params
+    graphs = jax.tree.map(jnp.asarray, small_batch)
+    with pytest.raises(ValueError, match=message):
+        model.apply(params, mutate(graphs))
+
+
+def test_oversize_and_empty_batches_raise():
+    mols = _molecules()
+    with pytest.raises(ValueError, match="does not fit the padding budget"):
+        pad_to_budget(mols, PaddingBudget(16, 80, 4))
+    with pytest.raises(ValueError, match="empty list"):
+        pad_to_budget([], PaddingBudget(16, 80, 4))
