@@ -1,0 +1,170 @@
+"""Padded batches: budgets, packing, per-epoch shuffling, resuming, devices, the thread."""
+
+import gc
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from se3jax.data.loader import BackgroundIterator, BatchLoader, budget_for, pack_batches
+from se3jax.data.qm9 import load_qm9
+from se3jax.graphs import PaddingBudget, padding_masks
+
+BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return load_qm9(tmp_path_factory.mktemp("qm9_cache"), max_molecules=1000, num_workers=1)
+
+
+@pytest.fixture(scope="module")
+def train(dataset):
+    return dataset.splits["train"]
+
+
+@pytest.fixture(scope="module")
+def budget(dataset, train):
+    return budget_for(dataset, train, BATCH)
+
+
+def real_counts(batch):
+    """(real nodes, real edges, real graphs) of a padded batch."""
+    nodes, edges, graphs = padding_masks(batch)
+    return int(np.sum(nodes)), int(np.sum(edges)), int(np.sum(graphs))
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for leaf_x, leaf_y in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)):
+            np.testing.assert_array_equal(leaf_x, leaf_y)
+
+
+def test_budget_comes_from_the_molecule_sizes(dataset, train, budget):
+    assert budget == PaddingBudget.for_batch(BATCH, **dataset.stats(train))
+    assert budget.n_graph == BATCH + 1
+
+
+def test_every_molecule_once_per_epoch_and_no_batch_exceeds_the_budget(dataset, train, budget):
+    loader = BatchLoader(dataset, train, BATCH, budget, shuffle=True, seed=0)
+    batches = list(loader.epoch_batches(0))
+    assert len(batches) == loader.num_batches(0)
+    plan = [step[0] for step in loader.plan(0)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(plan)), np.sort(train))
+    for batch, indices in zip(batches, plan):
+        assert batch.nodes["positions"].shape == (budget.n_node, 3)
+        assert batch.nodes["features"].shape == (budget.n_node, 6)
+        assert batch.edges["features"].shape == (budget.n_edge, 4)
+        assert batch.n_node.shape == batch.globals["target"].shape == (budget.n_graph,)
+        assert batch.nodes["positions"].dtype == batch.globals["target"].dtype == np.float32
+        assert batch.senders.dtype == batch.receivers.dtype == batch.n_node.dtype == np.int32
+        n_nodes, n_edges, n_graphs = real_counts(batch)
+        assert budget.fits(n_nodes, n_edges, n_graphs) and n_graphs == len(indices) <= BATCH
+        np.testing.assert_array_equal(batch.n_node[:n_graphs], dataset.num_nodes[indices])
+        np.testing.assert_array_equal(batch.globals["target"][:n_graphs],
+                                      dataset.batch_graphs(indices).globals["target"])
+        np.testing.assert_array_equal(batch.globals["target"][n_graphs:], 0.0)
+
+
+def test_a_tight_budget_closes_batches_early_without_losing_molecules(dataset, train):
+    tight = PaddingBudget(n_node=128, n_edge=256, n_graph=BATCH + 1)
+    loader = BatchLoader(dataset, train, BATCH, tight, seed=3)
+    plan = [step[0] for step in loader.plan(0)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(plan)), np.sort(train))
+    assert max(len(p) for p in plan) < BATCH  # the budget, not batch_size, closed them
+    for batch in loader.epoch_batches(0):
+        assert tight.fits(*real_counts(batch))
+
+
+def test_shuffling_is_per_epoch_and_deterministic(dataset, train, budget):
+    loader = BatchLoader(dataset, train, BATCH, budget, shuffle=True, seed=7)
+    assert not np.array_equal(loader.order(0), loader.order(1))
+    same = BatchLoader(dataset, train, BATCH, budget, shuffle=True, seed=7)
+    np.testing.assert_array_equal(loader.order(1), same.order(1))
+    assert_same_batches(list(loader.epoch_batches(1)), list(same.epoch_batches(1)))
+    other_seed = BatchLoader(dataset, train, BATCH, budget, shuffle=True, seed=8)
+    assert not np.array_equal(loader.order(1), other_seed.order(1))
+    unshuffled = BatchLoader(dataset, train, BATCH, budget, shuffle=False)
+    np.testing.assert_array_equal(unshuffled.order(5), train)
+
+
+def test_resuming_at_a_batch_gives_the_tail_of_the_epoch(dataset, train, budget):
+    loader = BatchLoader(dataset, train, BATCH, budget, seed=1)
+    full = list(loader.epoch_batches(2))
+    k = 5
+    assert_same_batches(list(loader.epoch_batches(2, start_batch=k)), full[k:])
+    assert list(loader.epoch_batches(2, start_batch=len(full))) == []
+    with pytest.raises(ValueError, match="start_batch"):
+        loader.epoch_batches(2, start_batch=len(full) + 1)
+
+
+def test_devices_get_a_leading_axis_and_the_last_group_is_padded(dataset, train):
+    # a roomy budget so that exactly 5 batches of BATCH form: 3 groups of 2, the last half padding
+    roomy = PaddingBudget(n_node=29 * BATCH + 64, n_edge=56 * BATCH + 64, n_graph=BATCH + 1)
+    indices = train[:5 * BATCH]
+    loader = BatchLoader(dataset, indices, BATCH, roomy, seed=0, num_devices=2)
+    groups = list(loader.epoch_batches(0))
+    assert len(groups) == loader.num_batches(0) == 3
+    for group in groups:
+        assert group.nodes["positions"].shape == (2, roomy.n_node, 3)
+        assert group.n_node.shape == (2, roomy.n_graph)
+        assert group.senders.dtype == np.int32
+    per_device = [jax.tree_util.tree_map(lambda x, d=d: x[d], g) for g in groups for d in range(2)]
+    counts = [real_counts(b) for b in per_device]
+    assert sum(c[2] for c in counts) == len(indices)
+    assert counts[-1] == (0, 0, 0)  # all padding
+    np.testing.assert_array_equal(per_device[-1].globals["target"], 0.0)
+
+
+def test_pack_batches_rejects_a_molecule_larger_than_the_budget():
+    with pytest.raises(ValueError, match="molecule 1 .* does not fit"):
+        pack_batches([3, 40], [4, 80], [0, 1], 4, PaddingBudget(n_node=16, n_edge=16, n_graph=3))
+
+
+class ExplodingDataset:
+    """Raises while assembling the third batch."""
+
+    def __init__(self, dataset):
+        self.inner, self.calls = dataset, 0
+        self.num_nodes, self.num_edges = dataset.num_nodes, dataset.num_edges
+
+    def batch_graphs(self, indices):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("disk on fire")
+        return self.inner.batch_graphs(indices)
+
+
+def test_errors_in_the_background_thread_reach_the_consumer(dataset, train, budget):
+    loader = BatchLoader(ExplodingDataset(dataset), train, BATCH, budget)
+    batches = loader.epoch_batches(0)
+    next(batches), next(batches)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        next(batches)
+    with pytest.raises(StopIteration):
+        next(batches)
+
+
+def test_an_abandoned_iterator_stops_its_thread():
+    def endless():
+        while True:
+            yield np.zeros(3)
+
+    def loader_threads():
+        return [t for t in threading.enumerate() if t.name == "se3jax-batch-loader"]
+
+    before = len(loader_threads())
+    closed = BackgroundIterator(endless(), size=2)
+    next(closed)
+    closed.close()
+    abandoned = BackgroundIterator(endless(), size=2)
+    next(abandoned)
+    del abandoned
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while len(loader_threads()) > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(loader_threads()) == before

@@ -1,0 +1,161 @@
+"""QM9 from qm9pack's CSVs: units, splits, train-only normalisation, the on-disk cache."""
+
+import logging
+
+import jax
+import jraph
+import numpy as np
+import pytest
+
+from se3jax.data import qm9
+from se3jax.data.molecules import BOND_TYPES, node_features
+from se3jax.data.qm9 import HARTREE_TO_EV, TARGETS, load_qm9, split_indices, split_sizes
+
+SUBSET = 1000
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("qm9_cache")
+
+
+@pytest.fixture(scope="module")
+def dataset(cache_dir):
+    # default num_workers: exercises the worker processes once
+    return load_qm9(cache_dir, task="homo", max_molecules=SUBSET)
+
+
+def test_targets_are_the_twelve_standard_ones_in_order():
+    assert list(TARGETS) == ["mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H",
+                             "G", "Cv"]
+    assert {name: unit for name, (_, _, unit) in TARGETS.items()} == {
+        "mu": "D", "alpha": "bohr^3", "homo": "eV", "lumo": "eV", "gap": "eV", "r2": "bohr^2",
+        "zpve": "eV", "U0": "eV", "U": "eV", "H": "eV", "G": "eV", "Cv": "cal/mol K"}
+
+
+def test_full_split_has_the_reference_sizes_and_is_a_disjoint_cover():
+    splits = split_indices(130_831)
+    assert {name: len(idx) for name, idx in splits.items()} == {
+        "train": 100_000, "val": 17_748, "test": 13_083}
+    everything = np.concatenate(list(splits.values()))
+    np.testing.assert_array_equal(np.sort(everything), np.arange(130_831))
+    again = split_indices(130_831)
+    for name in splits:
+        np.testing.assert_array_equal(splits[name], again[name])
+
+
+def test_subset_split_keeps_the_proportions():
+    assert split_sizes(SUBSET) == {"train": 764, "val": 136, "test": 100}
+    assert split_sizes(1) == {"train": 1, "val": 0, "test": 0}
+    with pytest.raises(ValueError):
+        split_sizes(0)
+
+
+def test_dataset_shape_and_splits(dataset):
+    assert dataset.num_molecules == SUBSET
+    # QM9 indices from 1; qm9pack leaves out the 3,054 molecules that failed QM9's own checks
+    assert dataset.molecule_ids[0] == 1 and np.all(np.diff(dataset.molecule_ids) > 0)
+    assert {name: len(idx) for name, idx in dataset.splits.items()} == split_sizes(SUBSET)
+    everything = np.concatenate(list(dataset.splits.values()))
+    np.testing.assert_array_equal(np.sort(everything), np.arange(SUBSET))
+    assert dataset.targets.shape == (SUBSET, 12) and dataset.targets.dtype == np.float32
+    assert dataset.task == "homo" and dataset.unit == "eV"
+
+
+def test_first_molecule_is_methane_with_targets_in_their_units(dataset):
+    graph = dataset.graph(0, normalised=False)
+    np.testing.assert_array_equal(graph.nodes["features"], node_features([6, 1, 1, 1, 1]))
+    np.testing.assert_allclose(graph.nodes["positions"][1], [0.002150416, -0.0060313176, 0.0019761204],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(graph.senders, [0, 0, 0, 0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(graph.receivers, [1, 2, 3, 4, 0, 0, 0, 0])
+    np.testing.assert_array_equal(graph.edges["features"], np.tile(np.eye(4)[0], (8, 1)))
+    assert graph.globals["target"].dtype == np.float32
+    np.testing.assert_array_equal(graph.globals["target"], [np.float32(-0.3877 * HARTREE_TO_EV)])
+    names = list(TARGETS)
+    assert dataset.targets[0, names.index("alpha")] == np.float32(13.21)
+    assert dataset.targets[0, names.index("U0")] == np.float32(-40.47893 * HARTREE_TO_EV)
+    assert dataset.targets[0, names.index("Cv")] == np.float32(6.469)
+
+
+def test_qm9_aromatic_bonds_are_found(dataset):
+    aromatic = np.mean(dataset.bond_types == BOND_TYPES.index("aromatic"))
+    assert 0 < aromatic < 0.2
+    assert set(np.unique(dataset.bond_types)) <= set(range(4))
+
+
+def test_normalisation_uses_train_statistics_only(dataset):
+    homo = dataset.targets[:, list(TARGETS).index("homo")].astype(np.float64)
+    train = homo[dataset.splits["train"]]
+    assert dataset.target_mean == pytest.approx(train.mean(), rel=1e-12)
+    assert dataset.target_std == pytest.approx(train.std(), rel=1e-12)
+    assert dataset.target_mean != pytest.approx(homo.mean(), rel=1e-9)
+    i = int(dataset.splits["val"][0])
+    normalised = dataset.graph(i).globals["target"][0]
+    assert normalised == np.float32((homo[i] - train.mean()) / train.std())
+    assert dataset.denormalise(normalised) == pytest.approx(homo[i], rel=1e-6)
+
+
+def test_batch_graphs_equals_batching_single_graphs(dataset):
+    indices = [5, 0, 999, 17]
+    expected = jax.tree_util.tree_leaves(jraph.batch_np([dataset.graph(i) for i in indices]))
+    got = jax.tree_util.tree_leaves(dataset.batch_graphs(indices))
+    assert len(expected) == len(got) == 8
+    for x, y in zip(expected, got):
+        np.testing.assert_array_equal(x, y)
+        assert y.dtype in (np.float32, np.int32)  # jraph.batch_np widens indices to int64
+
+
+def test_stats_match_the_arrays(dataset):
+    train = dataset.splits["train"]
+    stats = dataset.stats(train)
+    assert stats == {"mean_nodes": float(dataset.num_nodes[train].mean()),
+                     "mean_edges": float(dataset.num_edges[train].mean()),
+                     "max_nodes": int(dataset.num_nodes[train].max()),
+                     "max_edges": int(dataset.num_edges[train].max())}
+    assert 5 <= stats["mean_nodes"] <= 29 and stats["max_edges"] >= stats["max_nodes"]
+
+
+def test_second_load_reads_the_cache(dataset, cache_dir, monkeypatch):
+    def no_processing(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(qm9, "process_qm9", no_processing)
+    again = load_qm9(cache_dir, task="gap", max_molecules=SUBSET)
+    assert qm9.cache_path(cache_dir, SUBSET).name == f"qm9_bond_graphs_first{SUBSET}.npz"
+    for key in qm9._ARRAY_KEYS:
+        np.testing.assert_array_equal(getattr(again, key), getattr(dataset, key))
+    assert again.unit == "eV" and again.target_mean != dataset.target_mean
+
+
+def test_unknown_task_raises_listing_valid_tasks(cache_dir):
+    with pytest.raises(ValueError, match="unknown QM9 task 'foo'; valid tasks: mu, alpha, homo"):
+        load_qm9(cache_dir, task="foo", max_molecules=SUBSET)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "checksum", "version"])
+def test_broken_cache_is_detected_logged_and_rebuilt(tmp_path, caplog, monkeypatch, damage):
+    k = 300
+    reference = load_qm9(tmp_path, max_molecules=k, num_workers=1)
+    path = qm9.cache_path(tmp_path, k)
+    if damage == "garbage":
+        path.write_bytes(b"\x00not a cache\xff" * 100)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:5000])
+    elif damage == "checksum":
+        with np.load(path) as npz:
+            contents = dict(npz)
+        contents["positions"][0, 0] += 1.0  # a flipped value under the original checksum
+        with open(path, "wb") as f:
+            np.savez(f, **contents)
+    elif damage == "version":
+        monkeypatch.setattr(qm9, "CACHE_FORMAT_VERSION", qm9.CACHE_FORMAT_VERSION + 1)
+    expected_reason = {"garbage": "unreadable", "truncated": "unreadable", "checksum": "checksum",
+                       "version": "format version"}[damage]
+    with caplog.at_level(logging.WARNING):
+        rebuilt = load_qm9(tmp_path, max_molecules=k, num_workers=1)
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("stale or corrupt" in m and expected_reason in m for m in messages), messages
+    np.testing.assert_array_equal(rebuilt.positions, reference.positions)
+    qm9.load_cache(path, k)  # the rebuilt file is valid
+    assert not list(tmp_path.glob("*.tmp"))
