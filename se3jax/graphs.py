@@ -70,7 +70,9 @@ def molecule_graph(positions, node_features, senders, receivers, edge_features,
     node_features = np.asarray(node_features, np.float32)
     senders = np.asarray(senders, np.int32).reshape(-1)
     receivers = np.asarray(receivers, np.int32).reshape(-1)
-    edge_features = np.asarray(edge_features, np.float32).reshape(len(senders), -1)
+    edge_features = np.asarray(edge_features, np.float32)
+    if edge_features.ndim != 2 or edge_features.shape[0] != len(senders):
+        raise ValueError(f"edge features must be [E={len(senders)}, F], got {edge_features.shape}")
     return jraph.GraphsTuple(
         nodes={POSITIONS: positions, FEATURES: node_features},
         edges={FEATURES: edge_features},

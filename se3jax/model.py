@@ -16,8 +16,12 @@ from se3jax.layers.norm import NormSE3
 from se3jax.layers.pooling import pool_nodes
 from se3jax.precision import at_least_f32
 
-# Edges per chunk in low-memory mode: the per-edge radial weights of one chunk (~45k floats
-# per edge) stay around 12 MB instead of ~700 MB for a 100-molecule batch.
+# Edges are processed in chunks: the per-edge radial weights (~45k floats per edge and layer,
+# ~760 MB for a 100-molecule batch) then live one chunk at a time (~23 MB for 128 edges),
+# stay in cache for the contraction that consumes them, and are recomputed in the backward
+# pass. Measured on a 2-core CPU this made a hidden layer's forward+backward 2.5x faster and
+# 18x smaller in memory than materialising them for all edges (scripts/benchmark.py).
+DEFAULT_EDGE_CHUNK = 128
 LOW_MEMORY_EDGE_CHUNK = 64
 
 
@@ -35,13 +39,15 @@ class SE3Transformer(nn.Module):
     fuse_level: FuseLevel | str = FuseLevel.AUTO
     precision: str = "fp32"
     low_memory: bool = False
+    edge_chunk: int | None = None  # None: DEFAULT_EDGE_CHUNK (LOW_MEMORY_EDGE_CHUNK if low_memory)
 
     @nn.compact
     def __call__(self, features, edge_scalars, bases, senders, receivers, edge_mask):
         max_degree = self.fiber_hidden.max_degree
-        # Low-memory: recompute each block in the backward pass and walk edges in chunks.
+        # Low-memory: also recompute each whole block in the backward pass (only block
+        # inputs are kept) and use smaller edge chunks.
         block_cls = nn.remat(AttentionBlockSE3) if self.low_memory else AttentionBlockSE3
-        chunk = LOW_MEMORY_EDGE_CHUNK if self.low_memory else None
+        chunk = self.edge_chunk or (LOW_MEMORY_EDGE_CHUNK if self.low_memory else DEFAULT_EDGE_CHUNK)
         fiber = self.fiber_in
         for i in range(self.num_layers):
             features = block_cls(fiber, self.fiber_hidden, max_degree, self.num_heads,
@@ -74,6 +80,7 @@ class SE3TransformerPooled(nn.Module):
     fuse_level: FuseLevel | str = FuseLevel.AUTO
     precision: str = "fp32"
     low_memory: bool = False
+    edge_chunk: int | None = None
 
     def trunk(self) -> SE3Transformer:
         return SE3Transformer(
@@ -82,7 +89,8 @@ class SE3TransformerPooled(nn.Module):
             fiber_out=Fiber({0: self.num_degrees * self.num_channels}),
             num_layers=self.num_layers, num_heads=self.num_heads,
             channels_div=self.channels_div, fuse_level=self.fuse_level,
-            precision=self.precision, low_memory=self.low_memory, name="trunk")
+            precision=self.precision, low_memory=self.low_memory, edge_chunk=self.edge_chunk,
+            name="trunk")
 
     @nn.compact
     def __call__(self, graphs: jraph.GraphsTuple) -> jax.Array:

@@ -207,20 +207,6 @@ def infer_bonds(atomic_numbers, positions):
     return senders, receivers, edge_features(types), method != BondMethod.CONNECTIVITY_ONLY
 
 
-def graph_from_arrays(positions, node_features_, senders, receivers, edge_features_,
-                      globals_: dict | None = None) -> jraph.GraphsTuple:
-    """``se3jax.graphs.molecule_graph``, also for molecules without edges (a single atom):
-    ``molecule_graph`` cannot infer the edge-feature width of an empty ``[0, F]`` array."""
-    edge_features_ = np.asarray(edge_features_, np.float32)
-    if len(edge_features_) > 0:
-        return molecule_graph(positions, node_features_, senders, receivers, edge_features_, globals_)
-    width = edge_features_.shape[-1] if edge_features_.ndim == 2 else EDGE_FEATURES_DIM
-    graph = molecule_graph(positions, node_features_, [0], [0], np.zeros((1, width)), globals_)
-    return graph._replace(edges={"features": graph.edges["features"][:0]},
-                          senders=graph.senders[:0], receivers=graph.receivers[:0],
-                          n_edge=np.zeros_like(graph.n_edge))
-
-
 def _bonds_from_user(bonds, num_atoms: int) -> np.ndarray:
     """Validate user bonds ``[(i, j, type), ...]`` (type a name in ``BOND_TYPES`` or its
     index) into ``[B, 3]`` int64 rows with i < j."""
@@ -261,5 +247,5 @@ def molecule_to_graph(atomic_numbers, positions, bonds=None, target=None) -> jra
         bond_rows = _bonds_from_user(bonds, len(z))
     senders, receivers, types = directed_edges(bond_rows)
     globals_ = None if target is None else {"target": np.float32(target)}
-    return graph_from_arrays(positions, node_features(z), senders, receivers,
+    return molecule_graph(positions, node_features(z), senders, receivers,
                              edge_features(types), globals_)

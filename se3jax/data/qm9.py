@@ -35,7 +35,8 @@ import numpy as np
 from tqdm import tqdm
 
 from se3jax.data.molecules import (BondMethod, atomic_numbers_from, directed_edges, edge_features,
-                                   graph_from_arrays, infer_bond_list, node_features)
+                                   infer_bond_list, node_features)
+from se3jax.graphs import molecule_graph
 
 logger = logging.getLogger(__name__)
 
@@ -387,7 +388,7 @@ class QM9Dataset:
         e0, e1 = self.edge_offsets[i], self.edge_offsets[i + 1]
         target = self.task_targets[i]
         target = self.normalise(np.float64(target)) if normalised else target
-        return graph_from_arrays(self.positions[a0:a1], node_features(self.atomic_numbers[a0:a1]),
+        return molecule_graph(self.positions[a0:a1], node_features(self.atomic_numbers[a0:a1]),
                                  self.senders[e0:e1], self.receivers[e0:e1],
                                  edge_features(self.bond_types[e0:e1]),
                                  {"target": np.float32(target)})

@@ -1,0 +1,16 @@
+"""The reference QM9 recipe (SPEC §3): 7 attention layers, 4 degrees x 32 channels, 8 heads,
+channels_div 2, batch 240, AdamW lr 0.002 with weight decay 0.1, cosine decay to lr/10 over
+100 epochs, L1 loss on the normalised target (homo by default).
+
+    python train/main.py --config configs/qm9.py --workdir runs/homo
+    python train/main.py --config configs/qm9.py --config.task=gap --config.batch_size=100
+    # a short run on a laptop CPU:
+    python train/main.py --config configs/qm9.py --config.num_epochs=1 \\
+        --config.max_train_molecules=2000 --config.max_eval_molecules=500
+"""
+
+from se3jax.training.config import default_config
+
+
+def get_config():
+    return default_config()

@@ -1,0 +1,110 @@
+"""The training configuration: one schema with the reference defaults, and its validation.
+
+Every config file in ``configs/`` starts from :func:`default_config`; :func:`validate_config`
+rejects unknown keys (with the closest valid name) and bad values before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+
+from se3jax.layers.convolution import FuseLevel
+from se3jax.precision import POLICIES
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # data
+    c.task = "homo"                 # one of se3jax.data.TARGETS
+    c.cache_dir = ""                # "" = ~/.cache/se3jax (processed QM9 lives there)
+    c.max_molecules = 0             # >0: process only the first K molecules (tests, smoke runs)
+    c.max_train_molecules = 0       # >0: train on the first K molecules of the train split
+    c.max_eval_molecules = 0        # >0: evaluate on the first K molecules of val and test
+    c.precompute_bases = False      # keep per-edge spherical harmonics in host RAM (float16)
+    # model (SPEC §1)
+    c.num_layers = 7
+    c.num_degrees = 4
+    c.num_channels = 32
+    c.num_heads = 8
+    c.channels_div = 2
+    c.pooling = "max"
+    c.fuse_level = "auto"           # none | partial_out | partial_in | full | auto
+    c.precision = "fp32"            # fp32 | bf16 | fp16 (dynamic loss scaling)
+    c.low_memory = False
+    c.edge_chunk = 0                # 0 = the model's default
+    # optimisation (SPEC §3)
+    c.batch_size = 240              # molecules per device and step
+    c.num_epochs = 100
+    c.learning_rate = 0.002
+    c.final_learning_rate_factor = 0.1  # cosine decay to lr * factor
+    c.weight_decay = 0.1
+    c.max_steps = 0                 # >0: stop after this many steps in total (resumable)
+    c.seed = 0
+    # parallelism
+    c.parallel = "pmap"             # pmap | shard_map: same numbers
+    c.num_devices = 0               # 0 = all local devices
+    c.distributed = False           # multi-host: jax.distributed.initialize()
+    # bookkeeping
+    c.eval_every_epochs = 1
+    c.eval_every_steps = 0          # >0: also evaluate every N steps
+    c.checkpoint_every_steps = 500
+    c.keep_checkpoints = 3
+    c.log_every_steps = 10          # metrics reach the host at least this often (<= 10)
+    c.progress_bar = True
+    return c
+
+
+_CHOICES = {
+    "pooling": ("max", "mean"),
+    "fuse_level": tuple(level.value for level in FuseLevel),
+    "precision": tuple(p for p in POLICIES if p != "fp64"),
+    "parallel": ("pmap", "shard_map"),
+}
+_POSITIVE = ("num_layers", "num_degrees", "num_channels", "num_heads", "channels_div",
+             "batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps",
+             "keep_checkpoints", "eval_every_epochs")
+_NON_NEGATIVE = ("max_molecules", "max_train_molecules", "max_eval_molecules", "max_steps",
+                 "num_devices", "eval_every_steps", "edge_chunk")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ``ValueError`` naming the first problem: unknown key, bad choice or range."""
+    from se3jax.data.qm9 import TARGETS  # data imports RDKit: only when validating
+
+    known = default_config()
+    for key in config.keys():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known.keys()), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown config key {key!r}{hint}")
+    if config.task not in TARGETS:
+        raise ValueError(f"unknown task {config.task!r}; valid tasks: {', '.join(TARGETS)}")
+    for key, choices in _CHOICES.items():
+        if config[key] not in choices:
+            raise ValueError(f"config.{key}={config[key]!r} is not one of {choices}")
+    for key in _POSITIVE:
+        if not config[key] > 0:
+            raise ValueError(f"config.{key} must be positive, got {config[key]!r}")
+    for key in _NON_NEGATIVE:
+        if config[key] < 0:
+            raise ValueError(f"config.{key} must be >= 0, got {config[key]!r}")
+    if config.log_every_steps > 10:
+        # JAX 0.10 CPU collectives abort when ~50 unsynchronised steps are queued.
+        raise ValueError("config.log_every_steps must be <= 10 (metrics must reach the host often)")
+    if config.num_channels % config.channels_div or (config.num_channels // config.channels_div) % config.num_heads:
+        raise ValueError(f"num_channels / channels_div ({config.num_channels}/{config.channels_div}) "
+                         f"must be divisible by num_heads ({config.num_heads})")
+    if not 0 < config.final_learning_rate_factor <= 1 or config.learning_rate <= 0:
+        raise ValueError("need learning_rate > 0 and 0 < final_learning_rate_factor <= 1")
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+    """Keyword arguments of SE3TransformerPooled from a config (shared by training and
+    inference, so a saved config rebuilds exactly the trained model)."""
+    return dict(num_layers=config.num_layers, num_degrees=config.num_degrees,
+                num_channels=config.num_channels, num_heads=config.num_heads,
+                channels_div=config.channels_div, pooling=config.pooling,
+                fuse_level=config.fuse_level, precision=config.precision,
+                low_memory=config.low_memory, edge_chunk=config.edge_chunk or None)

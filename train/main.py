@@ -1,0 +1,33 @@
+"""Train the SE(3)-Transformer on QM9.
+
+    python train/main.py --config configs/qm9.py --workdir runs/homo
+    python train/main.py --config configs/qm9.py --config.num_epochs=1 --config.max_train_molecules=2000
+
+Restarting with the same --workdir resumes from its last checkpoint.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from se3jax.training.train import train_and_evaluate  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/qm9.py", "Training configuration file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/qm9", "Where checkpoints, metrics and the resolved config go.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    logging.info("done: %s", results)
+
+
+if __name__ == "__main__":
+    app.run(main)
