@@ -17,5 +17,6 @@ def get_config():
     config.eval_every_epochs = 1
     config.checkpoint_every_steps = 10
     config.log_every_steps = 5
+    config.num_devices = 1              # deterministic step counts (tests may simulate more devices)
     config.progress_bar = False
     return config

@@ -39,13 +39,15 @@ def flop_count(lowered) -> float:
 
 
 def memory_stats(compiled) -> dict:
-    """XLA's memory analysis of a compiled computation: argument + output + temp bytes."""
+    """XLA's memory analysis of a compiled computation: argument + output + temp bytes, less
+    the outputs that reuse donated argument buffers (the train state is updated in place)."""
     mem = compiled.memory_analysis()
     out = {}
     if mem is not None:
         out.update(argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
-                   temp_bytes=mem.temp_size_in_bytes)
-        out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                   alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes)
+        out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                              + out["temp_bytes"])
     return out
 
 

@@ -12,7 +12,7 @@ Clebsch–Gordan numbers. Only ``Y`` depends on positions, and it carries gradie
 (d output / d positions) are available.
 
 >>> import numpy as np
->>> num_frequencies(1, 2), harmonics_dim(3)
+>>> num_frequencies(1, 2), harmonics_dim(6)
 (3, 49)
 >>> q = path_basis_matrix(1, 1)
 >>> q.shape  # [sum_J (2J+1), (2*1+1) * 3 * (2*1+1)]

@@ -11,7 +11,7 @@ from se3jax.basis import edge_geometry
 from se3jax.fiber import Fiber
 from se3jax.graphs import FEATURES, POSITIONS, node_graph_index, padding_masks, validate_graphs
 from se3jax.layers.attention import AttentionBlockSE3
-from se3jax.layers.convolution import ConvSE3, FuseLevel, pair_bases
+from se3jax.layers.convolution import ConvSE3, FuseLevel
 from se3jax.layers.norm import NormSE3
 from se3jax.layers.pooling import pool_nodes
 from se3jax.precision import at_least_f32
@@ -28,7 +28,7 @@ LOW_MEMORY_EDGE_CHUNK = 64
 class SE3Transformer(nn.Module):
     """``num_layers`` x [AttentionBlockSE3 -> NormSE3], then a TFN convolution with
     self-interaction to ``fiber_out``. Works on per-degree node features and per-edge inputs
-    computed once per forward pass (edge scalars and shared pair bases)."""
+    computed once per forward pass (edge scalars and stacked spherical harmonics)."""
 
     fiber_in: Fiber
     fiber_hidden: Fiber
@@ -42,7 +42,7 @@ class SE3Transformer(nn.Module):
     edge_chunk: int | None = None  # None: DEFAULT_EDGE_CHUNK (LOW_MEMORY_EDGE_CHUNK if low_memory)
 
     @nn.compact
-    def __call__(self, features, edge_scalars, bases, senders, receivers, edge_mask):
+    def __call__(self, features, edge_scalars, harmonics, senders, receivers, edge_mask):
         max_degree = self.fiber_hidden.max_degree
         # Low-memory: also recompute each whole block in the backward pass (only block
         # inputs are kept) and use smaller edge chunks.
@@ -53,12 +53,12 @@ class SE3Transformer(nn.Module):
             features = block_cls(fiber, self.fiber_hidden, max_degree, self.num_heads,
                                  self.channels_div, self.fuse_level, self.precision, chunk,
                                  name=f"attention_{i}")(
-                features, edge_scalars, bases, senders, receivers, edge_mask)
+                features, edge_scalars, harmonics, senders, receivers, edge_mask)
             features = NormSE3(self.fiber_hidden, name=f"norm_{i}")(features)
             fiber = self.fiber_hidden
         return ConvSE3(fiber, self.fiber_out, max_degree, self.fuse_level, self_interaction=True,
                        precision=self.precision, edge_chunk=chunk, name="output_conv")(
-            features, edge_scalars, bases, senders, receivers, edge_mask)
+            features, edge_scalars, harmonics, senders, receivers, edge_mask)
 
 
 class SE3TransformerPooled(nn.Module):
@@ -99,11 +99,10 @@ class SE3TransformerPooled(nn.Module):
         max_degree = self.num_degrees - 1
         harmonics, lengths = edge_geometry(graphs.nodes[POSITIONS], graphs.senders,
                                            graphs.receivers, 2 * max_degree)
-        bases = pair_bases(harmonics, max_degree)
         edge_scalars = jnp.concatenate(
             [at_least_f32(graphs.edges[FEATURES]), lengths[:, None]], axis=-1)
         features = {0: at_least_f32(graphs.nodes[FEATURES])[:, :, None]}
-        out = self.trunk()(features, edge_scalars, bases, graphs.senders, graphs.receivers,
+        out = self.trunk()(features, edge_scalars, harmonics, graphs.senders, graphs.receivers,
                            edge_mask)
         num_graphs = graphs.n_node.shape[0]
         pooled = pool_nodes(out[0][..., 0], node_graph_index(graphs), node_mask, num_graphs,

@@ -41,7 +41,9 @@ class Policy:
 
 
 def at_least_f32(x: jax.Array) -> jax.Array:
-    """``x`` in float32, or kept in float64 if it already is (norms, softmax, sums)."""
+    """``x`` as a JAX array in float32, or kept in float64 if it already is (norms, softmax,
+    sums)."""
+    x = jnp.asarray(x)
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 

@@ -1,6 +1,13 @@
-"""Shared fixtures: float64 mode, NaN debugging, small padded molecule batches."""
+"""Shared fixtures: float64 mode, NaN debugging, small padded molecule batches, a QM9 subset.
 
-import jax
+Two simulated CPU devices (set before JAX starts) let the data-parallel tests run anywhere.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 
@@ -40,3 +47,19 @@ def rotations():
     """Five seeded rotations drawn uniformly over all of SO(3)."""
     from se3jax.testing import random_rotations
     return random_rotations(np.random.default_rng(42), 5)
+
+
+@pytest.fixture(scope="session")
+def qm9_subset_cache(tmp_path_factory):
+    """A cache folder holding the first 400 QM9 molecules, processed once per session (the
+    tiny training config reads exactly this subset)."""
+    from se3jax.data.qm9 import load_qm9
+    cache = tmp_path_factory.mktemp("qm9_subset")
+    load_qm9(cache, max_molecules=400, num_workers=1)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def qm9_subset(qm9_subset_cache):
+    from se3jax.data.qm9 import load_qm9
+    return load_qm9(qm9_subset_cache, max_molecules=400, num_workers=1)

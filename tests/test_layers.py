@@ -15,8 +15,7 @@ import pytest
 from se3jax.basis import edge_geometry
 from se3jax.fiber import Fiber
 from se3jax.graphs import FEATURES, POSITIONS, padding_masks
-from se3jax.layers import (AttentionBlockSE3, ConvSE3, FuseLevel, LinearSE3, NormSE3,
-                           allowed_levels, pair_bases)
+from se3jax.layers import AttentionBlockSE3, ConvSE3, FuseLevel, LinearSE3, NormSE3, allowed_levels
 from se3jax.testing import assert_equivariant, relative_error
 
 MAX_DEGREE = 3
@@ -37,9 +36,8 @@ def graph_layer_fn(module, params, graphs, precision_dtype):
     @jax.jit
     def fn(positions, features):
         harmonics, lengths = edge_geometry(positions, graphs.senders, graphs.receivers, 2 * MAX_DEGREE)
-        bases = pair_bases(harmonics, MAX_DEGREE)
         scalars = jnp.concatenate([graphs.edges[FEATURES].astype(precision_dtype), lengths[:, None]], -1)
-        return module.apply(params, features, scalars, bases, graphs.senders, graphs.receivers, edge_mask)
+        return module.apply(params, features, scalars, harmonics, graphs.senders, graphs.receivers, edge_mask)
     return fn
 
 
@@ -49,7 +47,7 @@ def init_graph_layer(module, graphs, fiber_in, dtype):
     _, edge_mask, _ = padding_masks(graphs)
     harmonics, lengths = edge_geometry(positions, graphs.senders, graphs.receivers, 2 * MAX_DEGREE)
     scalars = jnp.concatenate([graphs.edges[FEATURES].astype(dtype), lengths[:, None]], -1)
-    params = module.init(jax.random.PRNGKey(0), features, scalars, pair_bases(harmonics, MAX_DEGREE),
+    params = module.init(jax.random.PRNGKey(0), features, scalars, harmonics,
                          graphs.senders, graphs.receivers, edge_mask)
     return params, positions, features
 
@@ -112,7 +110,7 @@ def test_fusion_levels_agree_values_and_gradients(layer, small_batch):
             harmonics, lengths = edge_geometry(positions, small_batch.senders, small_batch.receivers,
                                                2 * MAX_DEGREE)
             scalars = jnp.concatenate([small_batch.edges[FEATURES], lengths[:, None]], -1)
-            out = module.apply(params, features, scalars, pair_bases(harmonics, MAX_DEGREE),
+            out = module.apply(params, features, scalars, harmonics,
                                small_batch.senders, small_batch.receivers, edge_mask)
             return sum(jnp.sum(jnp.sin(v)) for v in out.values()), out
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, positions, features)

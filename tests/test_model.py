@@ -16,7 +16,7 @@ import pytest
 from se3jax.basis import edge_geometry
 from se3jax.fiber import Fiber
 from se3jax.graphs import FEATURES, POSITIONS, PaddingBudget, pad_to_budget, padding_masks
-from se3jax.layers import FuseLevel, pair_bases
+from se3jax.layers import FuseLevel
 from se3jax.model import SE3Transformer, SE3TransformerPooled
 from se3jax.testing import assert_equivariant, relative_error, synthetic_molecule
 
@@ -57,7 +57,7 @@ def test_trunk_equivariant_float64_all_degrees(small_batch, rotations, x64):
     def fn(positions, features):
         harmonics, lengths = edge_geometry(positions, graphs.senders, graphs.receivers, 6)
         scalars = jnp.concatenate([graphs.edges[FEATURES], lengths[:, None]], -1)
-        return trunk.apply(params, features, scalars, pair_bases(harmonics, 3), graphs.senders,
+        return trunk.apply(params, features, scalars, harmonics, graphs.senders,
                            graphs.receivers, edge_mask)
 
     features = {0: graphs.nodes[FEATURES][:, :, None]}
@@ -65,7 +65,7 @@ def test_trunk_equivariant_float64_all_degrees(small_batch, rotations, x64):
     harmonics, lengths = edge_geometry(positions, graphs.senders, graphs.receivers, 6)
     params = trunk.init(jax.random.PRNGKey(1), features,
                         jnp.concatenate([graphs.edges[FEATURES], lengths[:, None]], -1),
-                        pair_bases(harmonics, 3), graphs.senders, graphs.receivers, edge_mask)
+                        harmonics, graphs.senders, graphs.receivers, edge_mask)
     assert_equivariant(jax.jit(fn), positions, features, rotations, rtol=1e-9,
                        translation=jnp.array([5.0, -1.0, 2.0]))
 

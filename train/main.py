@@ -6,6 +6,7 @@
 Restarting with the same --workdir resumes from its last checkpoint.
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -21,10 +22,18 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/qm9.py", "Training 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/qm9", "Where checkpoints, metrics and the resolved config go.")
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Keep our INFO messages, drop the INFO chatter of orbax (one line per file it writes)."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info("done: %s", results)
 

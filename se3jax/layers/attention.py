@@ -68,12 +68,12 @@ class AttentionBlockSE3(nn.Module):
         return value_fiber, key_fiber
 
     @nn.compact
-    def __call__(self, features: dict, edge_scalars, bases, senders, receivers, edge_mask):
+    def __call__(self, features: dict, edge_scalars, harmonics, senders, receivers, edge_mask):
         value_fiber, key_fiber = self.fibers()
         kv = ConvSE3(self.fiber_in, value_fiber + key_fiber, self.max_degree, self.fuse_level,
                      precision=self.precision, edge_chunk=self.edge_chunk, remat=self.remat,
                      return_messages=True, name="key_value_conv")(
-            features, edge_scalars, bases, senders, receivers, edge_mask)
+            features, edge_scalars, harmonics, senders, receivers, edge_mask)
         values = {d: kv[d][:, :value_fiber[d]] for d in value_fiber.degrees}
         keys = {d: kv[d][:, value_fiber[d]:] for d in key_fiber.degrees}
         queries = LinearSE3(self.fiber_in, key_fiber, name="query")(features)

@@ -107,10 +107,8 @@ def pair_basis_matrix(max_degree: int) -> tuple[np.ndarray, dict]:
 
 
 def pair_bases(harmonics: jax.Array, max_degree: int) -> jax.Array:
-    """All paths' bases for each edge from stacked harmonics: ``[E, n_pair_basis]``.
-
-    Computed once per forward pass and shared by every layer.
-    """
+    """All paths' bases for each edge from stacked harmonics: ``[E, n_pair_basis]``
+    (one small matmul: ~2% of a hidden layer's multiply-adds)."""
     q, _ = pair_basis_matrix(max_degree)
     return jnp.dot(harmonics, jnp.asarray(q, harmonics.dtype))
 
@@ -212,16 +210,18 @@ def group_basis(bases: jax.Array, group: PathGroup) -> jax.Array:
 
 
 def tfn_messages(plan: ConvPlan, hidden: jax.Array, kernel: jax.Array, x_src: dict,
-                 bases: jax.Array, compute_dtype=jnp.float32) -> dict:
-    """Per-edge TFN messages ``{d_out: [E, c_out, 2 d_out + 1]}`` (float32).
+                 harmonics: jax.Array, compute_dtype=jnp.float32) -> dict:
+    """Per-edge TFN messages ``{d_out: [E, c_out, 2 d_out + 1]}`` (at least float32).
 
     ``hidden`` [E, mid] and ``kernel`` [mid, n_weights] are the radial MLP's last activation
     and kernel; ``x_src`` holds source-node features per degree ``[E, c_in, 2d+1]``;
-    ``bases`` the shared pair bases ``[E, n_pair_basis]``. Contractions run in
-    ``compute_dtype`` and return at least float32.
+    ``harmonics`` the stacked spherical harmonics ``[E, (2 max_degree + 1)^2]``, from which
+    the pair bases are built here (49 numbers per edge kept instead of 1,092). Contractions
+    run in ``compute_dtype`` and return at least float32.
     """
     num_edges = hidden.shape[0]
     accumulation_dtype = jnp.promote_types(compute_dtype, jnp.float32)
+    bases = pair_bases(harmonics, plan.max_degree)
     h = hidden.astype(compute_dtype)
     out = {}
     for group in plan.groups:
@@ -266,13 +266,15 @@ class ConvSE3(nn.Module):
     """SE(3)-equivariant TFN convolution from ``fiber_in`` to ``fiber_out``.
 
     Call with node features ``{d: [N, C_d, 2d+1]}``, the edge scalars ``[E, F_edge]`` (bond
-    features with the edge length appended), the shared pair bases ``[E, n_pair_basis]``,
-    ``senders``/``receivers`` and the edge mask. Returns ``{d: [N, C_d, 2d+1]}`` summed over
+    features with the edge length appended), the stacked edge harmonics ``[E, (2L+1)^2]``
+    (:func:`se3jax.basis.edge_geometry`), ``senders``/``receivers`` and the edge mask. Returns ``{d: [N, C_d, 2d+1]}`` summed over
     incoming real edges, plus a per-degree self-interaction when ``self_interaction``.
 
     ``edge_chunk`` processes edges in chunks (lower peak memory); ``remat`` recomputes the
     per-edge radial weights in the backward pass instead of storing them (they are the
-    largest tensor of the model: ~45k numbers per edge per layer).
+    largest tensor of the model: ~45k numbers per edge per layer). Source features are
+    gathered and bases built inside each chunk, so per layer only node-sized and 49-wide
+    per-edge arrays are kept for the backward pass.
     """
 
     fiber_in: Fiber
@@ -289,22 +291,23 @@ class ConvSE3(nn.Module):
         return conv_plan(self.fiber_in, self.fiber_out, FuseLevel(self.fuse_level), self.max_degree)
 
     @nn.compact
-    def __call__(self, features: dict, edge_scalars: jax.Array, bases: jax.Array,
+    def __call__(self, features: dict, edge_scalars: jax.Array, harmonics: jax.Array,
                  senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array):
         self.fiber_in.check_features(features, f"{type(self).__name__} input")
+        features = {d: jnp.asarray(x) for d, x in features.items()}  # numpy inputs welcome
         plan = self.plan()
         column_scale = 1.0 / np.sqrt(plan.weight_fan_in)
         hidden, kernel = RadialProfile(plan.n_weights, scaled_normal_columns(column_scale),
                                        name="radial")(edge_scalars)
         compute_dtype = get_policy(self.precision).compute_dtype
-        x_src = {d: x[senders] for d, x in features.items()}
 
-        def messages(hidden, x_src, bases):
-            return tfn_messages(plan, hidden, kernel, x_src, bases, compute_dtype)
+        def messages(hidden, harmonics, senders):
+            x_src = {d: x[senders] for d, x in features.items()}
+            return tfn_messages(plan, hidden, kernel, x_src, harmonics, compute_dtype)
 
         if self.remat:
             messages = jax.checkpoint(messages)
-        msgs = chunked_edge_map(messages, hidden.shape[0], self.edge_chunk, hidden, x_src, bases)
+        msgs = chunked_edge_map(messages, hidden.shape[0], self.edge_chunk, hidden, harmonics, senders)
         msgs = {d: jnp.where(edge_mask[:, None, None], m, 0.0) for d, m in msgs.items()}
         if self.return_messages:
             return msgs

@@ -37,16 +37,18 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()
 
-    def restore(self, abstract_state, step: int | None = None):
+    def restore(self, abstract_state=None, step: int | None = None):
         """``(state, meta)`` of ``step`` (default: the latest), or ``None`` if there is none.
 
         ``abstract_state`` gives the expected structure, shapes and dtypes (e.g. a freshly
-        initialised state); anything unreadable or mismatching raises :class:`CheckpointError`.
+        initialised state); without it the saved tree comes back as nested dicts of arrays.
+        Anything unreadable or mismatching raises :class:`CheckpointError`.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        target = (None if abstract_state is None
+                  else jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state))
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))

@@ -100,6 +100,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("need learning_rate > 0 and 0 < final_learning_rate_factor <= 1")
 
 
+def load_config_file(path) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file such as ``configs/qm9.py`` (outside absl flags)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"se3jax_config_{path.stem}", path)
+    if spec is None or not path.exists():
+        raise FileNotFoundError(f"config file {path} not found")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:
     """Keyword arguments of SE3TransformerPooled from a config (shared by training and
     inference, so a saved config rebuilds exactly the trained model)."""

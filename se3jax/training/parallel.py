@@ -44,18 +44,23 @@ class DataParallel:
                                        donate_argnums=0)
             self.eval_step = jax.pmap(evaluate, axis_name=AXIS, devices=self.local_devices)
         else:
+            # check_vma=False: gradients of the replicated state stay per-device (as under pmap)
+            # and the step's explicit psum averages them. With the check on, autodiff would
+            # already sum them across devices and the psum would count them twice.
             per_device = lambda fn: (lambda a, batch: fn(a, jax.tree.map(_first_device_block, batch)))
             self.train_step = jax.jit(jax.shard_map(
-                per_device(train), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P())),
-                donate_argnums=0)
+                per_device(train), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+                check_vma=False), donate_argnums=0)
             self.eval_step = jax.jit(jax.shard_map(
-                per_device(evaluate), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P()))
+                per_device(evaluate), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
+                check_vma=False))
 
     def put_replicated(self, tree):
-        """Host pytree -> the same value on every device (pmap: with a leading device axis)."""
+        """Pytree -> the same value on every device (pmap: with a leading device axis). Always
+        a fresh copy: the train step donates it, which must not delete the caller's arrays."""
+        tree = jax.device_get(tree)
         if self.method == "pmap":
-            stacked = jax.tree.map(lambda x: np.broadcast_to(x, (self.num_local,) + np.shape(x)),
-                                   jax.device_get(tree))
+            stacked = jax.tree.map(lambda x: np.broadcast_to(x, (self.num_local,) + np.shape(x)), tree)
             return self.put_batch(stacked)
         return jax.device_put(tree, NamedSharding(self.mesh, P()))
 

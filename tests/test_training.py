@@ -1,0 +1,175 @@
+"""Training end to end on a small QM9 subset: learning, exact resume, data parallelism,
+loss scaling, and clear errors for bad configs and corrupt checkpoints."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from se3jax.data.loader import BatchLoader, budget_for
+from se3jax.graphs import pad_to_budget
+from se3jax.training.checkpoints import CheckpointError
+from se3jax.training.config import load_config_file, validate_config
+from se3jax.training.parallel import DataParallel
+from se3jax.training.steps import create_train_state, make_train_step
+from se3jax.training.train import build_model, train_and_evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def config(qm9_subset_cache):
+    c = load_config_file(REPO / "configs" / "test.py")
+    c.cache_dir = str(qm9_subset_cache)
+    return c
+
+
+def final_params(workdir: Path):
+    """Parameters of the newest checkpoint, as numpy arrays."""
+    manager = ocp.CheckpointManager(workdir / "checkpoints")
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return restored.state["params"]
+
+
+def read_metrics(workdir: Path, key: str) -> list[float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(l)[key] for l in lines if key in json.loads(l)]
+
+
+def test_tiny_training_learns_and_writes_its_workdir(config, tmp_path):
+    config.max_train_molecules = 32
+    config.num_epochs = 12                 # 2 steps per epoch: 24 steps
+    config.log_every_steps = 2
+    result = train_and_evaluate(config, tmp_path)
+    losses = read_metrics(tmp_path, "train_loss")
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < 0.7 * losses[0], losses  # it learns (overfits 32 molecules)
+    assert result["step"] == 24 and np.isfinite(result["val_mae"]) and np.isfinite(result["test_mae"])
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["num_epochs"] == 12 and saved["task"] == "homo"
+    norm = json.loads((tmp_path / "normalisation.json").read_text())
+    assert norm["unit"] == "eV" and norm["std"] > 0
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_after_stop_equals_uninterrupted_run(config, tmp_path):
+    config.max_train_molecules = 48        # 3 steps per epoch
+    config.num_epochs = 2
+    config.checkpoint_every_steps = 2
+    train_and_evaluate(config, tmp_path / "straight")
+    config.max_steps = 4                   # stop in the middle of epoch 2 ...
+    assert train_and_evaluate(config, tmp_path / "resumed")["step"] == 4
+    config.max_steps = 0                   # ... and restart in the same workdir
+    assert train_and_evaluate(config, tmp_path / "resumed")["step"] == 6
+    straight, resumed = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture
+def two_batches_and_combined(config, qm9_subset):
+    """Two 8-molecule batches, and the same 16 molecules as one batch (bigger budget)."""
+    idx = qm9_subset.splits["train"][:16]
+    small, large = budget_for(qm9_subset, idx, 16), budget_for(qm9_subset, idx, 32)
+    pad = lambda ids, budget: pad_to_budget(qm9_subset.batch_graphs(ids), budget)
+    as32 = lambda g: jax.tree.map(lambda x: x.astype(np.float32) if x.dtype.kind == "f" else x.astype(np.int32), g)
+    a, b, both = as32(pad(idx[:8], small)), as32(pad(idx[8:], small)), as32(pad(idx, large))
+    stacked = jax.tree.map(lambda x, y: np.stack([x, y]), a, b)
+    return stacked, jax.tree.map(lambda x: x[None], both)
+
+
+@pytest.mark.skipif(jax.local_device_count() < 2, reason="needs 2 (simulated) devices")
+def test_two_devices_equal_one_device_on_the_combined_batch(config, two_batches_and_combined):
+    stacked, combined = two_batches_and_combined
+    model = build_model(config)
+    optimizer = optax.sgd(0.1)  # linear in the gradient: compares gradients, not Adam's sign()
+    state = create_train_state(model, optimizer, jax.tree.map(lambda x: x[0], combined), jax.random.PRNGKey(0))
+
+    def run(method, num_devices, batch):
+        parallel = DataParallel(model, optimizer, method, jax.local_devices()[:num_devices])
+        new_state, metrics = parallel.train_step(parallel.put_replicated(state), parallel.put_batch(batch))
+        return parallel.get(new_state).params, parallel.get(metrics)
+
+    one, m1 = run("pmap", 1, combined)
+    two_pmap, m2 = run("pmap", 2, stacked)
+    two_shard, m3 = run("shard_map", 2, stacked)
+    assert float(m1["num_graphs"]) == float(m2["num_graphs"]) == 16
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
+    moved = 0.0
+    for p1, p2, p3, p0 in zip(*map(jax.tree.leaves, (one, two_pmap, two_shard, state.params))):
+        np.testing.assert_allclose(p2, p1, rtol=1e-5, atol=1e-7)      # same update, reordered sums
+        np.testing.assert_allclose(p3, p2, rtol=1e-6, atol=1e-8)      # pmap == shard_map
+        moved = max(moved, float(np.abs(p1 - p0).max()))
+    assert moved > 1e-4  # the step really changed the parameters
+
+
+@pytest.mark.skipif(jax.local_device_count() < 2, reason="needs 2 (simulated) devices")
+@pytest.mark.parametrize("method", ["pmap", "shard_map"])
+def test_training_loop_runs_on_two_devices(config, tmp_path, method):
+    config.num_devices, config.parallel = 2, method
+    config.max_train_molecules, config.max_eval_molecules, config.num_epochs = 64, 40, 1
+    result = train_and_evaluate(config, tmp_path)
+    assert result["step"] >= 2 and np.isfinite(result["val_mae"]) and np.isfinite(result["test_mae"])
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps(config, two_batches_and_combined):
+    _, combined = two_batches_and_combined
+    batch = jax.tree.map(lambda x: x[0], combined)
+    config.precision = "fp16"
+    model = build_model(config)
+    optimizer = optax.adam(1e-3)
+    state = create_train_state(model, optimizer, batch, jax.random.PRNGKey(0), loss_scaling=True)
+    step = jax.jit(make_train_step(model, optimizer))
+    good, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(good.params), jax.tree.leaves(state.params)))
+    # an absurd scale overflows fp16 gradients: the step is skipped and the scale halved
+    huge = state.replace(loss_scale=dataclasses.replace(state.loss_scale, scale=jnp.float32(3e38)))
+    skipped, _ = step(huge, batch)
+    for a, b in zip(jax.tree.leaves(skipped.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+    assert float(skipped.loss_scale.scale) == pytest.approx(1.5e38)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("batchsize", 4, "unknown config key 'batchsize'; did you mean 'batch_size'"),
+    ("task", "homo_lumo", "unknown task 'homo_lumo'; valid tasks: mu, alpha, homo"),
+    ("precision", "fp8", "config.precision='fp8' is not one of"),
+    ("batch_size", 0, "config.batch_size must be positive"),
+    ("log_every_steps", 50, "must be <= 10"),
+])
+def test_bad_configs_are_rejected_clearly(config, key, value, message):
+    with config.unlocked():
+        config[key] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_config(config)
+
+
+def test_cli_rejects_a_config_typo():
+    result = subprocess.run([sys.executable, "train/main.py", "--config", "configs/test.py",
+                             "--config.batchsize=4", "--workdir", "/nonexistent/never/created"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "batchsize" in result.stderr
+    assert not Path("/nonexistent/never/created").exists()
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(config, tmp_path):
+    config.max_train_molecules = 32
+    config.max_steps = 2
+    train_and_evaluate(config, tmp_path)
+    for f in (tmp_path / "checkpoints").rglob("*"):
+        if f.is_file() and "state" in f.parts:
+            f.write_bytes(b"garbage")
+    config.max_steps = 4
+    with pytest.raises(CheckpointError, match="cannot be restored.*corrupt"):
+        train_and_evaluate(config, tmp_path)
