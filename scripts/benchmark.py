@@ -63,13 +63,14 @@ def time_steps(run, warmup: int, steps: int) -> list[float]:
 
 
 def benchmark_one(fuse_level: str, precision: str, low_memory: bool, batch_size: int,
-                  steps: int, warmup: int, mode: str, num_layers: int) -> dict:
+                  steps: int, warmup: int, mode: str, num_layers: int, edges: str = "paired") -> dict:
     rng = np.random.default_rng(0)
     batch = jax.device_put(synthetic_batch(rng, batch_size))
     num_molecules = int(np.sum(np.asarray(padding_masks(batch)[2])))
     model = SE3TransformerPooled(num_layers=num_layers, fuse_level=fuse_level,
-                                 precision=precision, low_memory=low_memory)
-    result = {"fuse_level": fuse_level, "precision": precision, "low_memory": low_memory,
+                                 precision=precision, low_memory=low_memory,
+                                 paired_edges=edges == "paired")
+    result = {"fuse_level": fuse_level, "precision": precision, "low_memory": low_memory, "edges": edges,
               "batch_size": batch_size, "molecules": num_molecules, "mode": mode,
               "num_nodes": int(batch.nodes["positions"].shape[0]), "num_edges": int(batch.senders.shape[0])}
     optimizer = optax.adamw(2e-3, weight_decay=0.1)
@@ -109,6 +110,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fuse-level", nargs="+", default=["auto"], choices=[l.value for l in FuseLevel])
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--low-memory", default="off", choices=["off", "on", "both"])
+    parser.add_argument("--edges", nargs="+", default=["paired"], choices=["paired", "unpaired"],
+                        help="paired: radial weights once per bond (the QM9 pipeline's layout)")
     parser.add_argument("--mode", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--num-layers", type=int, default=7, help="attention layers (QM9 model: 7)")
@@ -119,14 +122,16 @@ def main(argv=None) -> int:
 
     low_memory = {"off": [False], "on": [True], "both": [False, True]}[args.low_memory]
     print(f"backend={jax.default_backend()} devices={jax.devices()} jax={jax.__version__}", flush=True)
-    header = (f"{'mode':5} {'level':11} {'prec':4} {'lowmem':6} {'mol/s':>7} {'step s':>7} "
+    header = (f"{'mode':5} {'level':11} {'prec':4} {'lowmem':6} {'edges':8} {'mol/s':>7} {'step s':>7} "
               f"{'compile s':>9} {'XLA mem GB':>10} {'GFLOP':>7} {'GFLOP/s':>7}")
     print(header, flush=True)
     results = []
-    for mode, level, precision, low in itertools.product(args.mode, args.fuse_level, args.precision, low_memory):
-        r = benchmark_one(level, precision, low, args.batch_size, args.steps, args.warmup, mode, args.num_layers)
+    for mode, level, precision, low, edges in itertools.product(
+            args.mode, args.fuse_level, args.precision, low_memory, args.edges):
+        r = benchmark_one(level, precision, low, args.batch_size, args.steps, args.warmup, mode,
+                          args.num_layers, edges)
         results.append(r)
-        print(f"{mode:5} {level:11} {precision:4} {str(low):6} {r['molecules_per_s']:7.1f} {r['step_s']:7.3f} "
+        print(f"{mode:5} {level:11} {precision:4} {str(low):6} {edges:8} {r['molecules_per_s']:7.1f} {r['step_s']:7.3f} "
               f"{r['compile_s']:9.1f} {r.get('total_bytes', float('nan')) / 1e9:10.2f} "
               f"{r['flops'] / 1e9:7.0f} {r['gflops_per_s']:7.1f}", flush=True)
     if args.json:

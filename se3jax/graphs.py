@@ -125,11 +125,24 @@ def node_graph_index(graphs: jraph.GraphsTuple) -> jax.Array:
                       total_repeat_length=n_total)
 
 
+def edges_are_paired(graphs: jraph.GraphsTuple) -> jax.Array:
+    """Whether edges ``2k`` and ``2k+1`` are the two directions of one bond with the same
+    features, for every ``k`` (padding edges, all self-loops on one padding node, qualify).
+    A scalar bool; jit-safe."""
+    s, r = jnp.asarray(graphs.senders), jnp.asarray(graphs.receivers)
+    if s.shape[0] % 2:
+        return jnp.array(False)
+    f = jnp.asarray(graphs.edges[FEATURES])
+    return (jnp.all(s[0::2] == r[1::2]) & jnp.all(r[0::2] == s[1::2])
+            & jnp.all(f[0::2] == f[1::2]))
+
+
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def validate_graphs(graphs, node_features_dim: int, edge_features_dim: int) -> None:
+def validate_graphs(graphs, node_features_dim: int, edge_features_dim: int,
+                    paired_edges: bool = False) -> None:
     """Check a model input and raise a ``ValueError`` that names the problem.
 
     Shape and dtype checks always run (shapes are static under ``jit``); value checks
@@ -162,6 +175,8 @@ def validate_graphs(graphs, node_features_dim: int, edge_features_dim: int) -> N
                       ("n_node", graphs.n_node), ("n_edge", graphs.n_edge)):
         if not jnp.issubdtype(arr.dtype, jnp.integer):
             raise ValueError(f"{name} must be integers, got {arr.dtype}")
+    if paired_edges and graphs.senders.shape[0] % 2:
+        raise ValueError(f"paired edges need an even number of edges, got {graphs.senders.shape[0]}")
     if graphs.n_node.shape != graphs.n_edge.shape or graphs.n_node.ndim != 1:
         raise ValueError("n_node and n_edge must both have shape [G]")
     if n == 0 or graphs.n_node.shape[0] == 0:
@@ -183,3 +198,7 @@ def validate_graphs(graphs, node_features_dim: int, edge_features_dim: int) -> N
         idx = np.asarray(idx)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise ValueError(f"{name} index out of range [0, {n}): min {idx.min()}, max {idx.max()}")
+    if paired_edges and not bool(edges_are_paired(graphs)):
+        raise ValueError("the model expects paired edges (edges 2k and 2k+1 are the two directions "
+                         "of one bond, with equal features), but these graphs are not paired; build "
+                         "them with se3jax.data.molecule_to_graph or use paired_edges=False")

@@ -85,8 +85,8 @@ def assert_equivariant(fn: Callable, positions: jax.Array, features: dict, rotat
 def synthetic_molecule(rng: np.random.Generator, num_atoms: int, num_rings: int = 1,
                        target: float | None = None):
     """A QM9-like random molecule: a random tree of ~1.1–1.5 Å bonds plus ``num_rings`` ring
-    closures (bonds in both directions, ~2.1 directed edges per atom), H/C/N/O/F atoms with
-    the 6 node features of the QM9 pipeline, one-hot bond types."""
+    closures (bonds in both directions, adjacent: paired edges; ~2.1 directed edges per
+    atom), H/C/N/O/F atoms with the 6 node features of the QM9 pipeline, one-hot bond types."""
     pos = np.zeros((num_atoms, 3))
     bonds = []
     for i in range(1, num_atoms):
@@ -100,10 +100,10 @@ def synthetic_molecule(rng: np.random.Generator, num_atoms: int, num_rings: int 
         if (i, j) not in existing:
             bonds.append((i, j))
             existing |= {(i, j), (j, i)}
-    senders = [b[0] for b in bonds] + [b[1] for b in bonds]
-    receivers = [b[1] for b in bonds] + [b[0] for b in bonds]
+    senders = [v for i, j in bonds for v in (i, j)]      # paired edges: i->j then j->i
+    receivers = [v for i, j in bonds for v in (j, i)]
     bond_type = rng.integers(0, 4, len(bonds))
-    edge_features = np.eye(4)[np.concatenate([bond_type, bond_type])].reshape(-1, 4)
+    edge_features = np.eye(4)[np.repeat(bond_type, 2)].reshape(-1, 4)
     element = rng.integers(0, 5, num_atoms)
     atomic_number = np.array([1, 6, 7, 8, 9])[element]
     node_features = np.concatenate([np.eye(5)[element], atomic_number[:, None]], axis=1)

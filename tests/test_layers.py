@@ -58,13 +58,16 @@ GRAPH_LAYERS = {
         RAGGED_IN, RAGGED_OUT, MAX_DEGREE, level, self_interaction=True, precision=p),
     "conv_chunked": lambda level, p: ConvSE3(UNIFORM, UNIFORM, MAX_DEGREE, level, precision=p,
                                              edge_chunk=40),
+    "conv_paired_chunked": lambda level, p: ConvSE3(UNIFORM, UNIFORM, MAX_DEGREE, level, precision=p,
+                                                    edge_chunk=40, paired_edges=True),
     "attention": lambda level, p: AttentionBlockSE3(UNIFORM, Fiber.create(4, 8), MAX_DEGREE,
                                                     num_heads=2, fuse_level=level, precision=p),
     "attention_first_layer": lambda level, p: AttentionBlockSE3(
         Fiber({0: 6}), Fiber.create(4, 8), MAX_DEGREE, num_heads=2, fuse_level=level, precision=p),
 }
 FIBER_IN = {"conv_uniform": UNIFORM, "conv_ragged_self_interaction": RAGGED_IN,
-            "conv_chunked": UNIFORM, "attention": UNIFORM, "attention_first_layer": Fiber({0: 6})}
+            "conv_chunked": UNIFORM, "conv_paired_chunked": UNIFORM, "attention": UNIFORM,
+            "attention_first_layer": Fiber({0: 6})}
 
 
 @pytest.mark.parametrize("layer", sorted(GRAPH_LAYERS))
@@ -96,7 +99,8 @@ def test_node_layers_equivariant_float64(module, fiber, rotations, x64):
     assert_equivariant(fn, jnp.zeros((6, 3)), features, rotations, rtol=1e-9)
 
 
-@pytest.mark.parametrize("layer", ["conv_uniform", "conv_ragged_self_interaction", "attention"])
+@pytest.mark.parametrize("layer", ["conv_uniform", "conv_ragged_self_interaction", "attention",
+                                   "conv_paired_chunked"])
 def test_fusion_levels_agree_values_and_gradients(layer, small_batch):
     """Same parameters at every level (one canonical kernel) -> same outputs and gradients."""
     reference = GRAPH_LAYERS[layer](FuseLevel.NONE, "fp32")

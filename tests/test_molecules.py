@@ -127,8 +127,8 @@ def test_molecule_to_graph_follows_graph_conventions():
     np.testing.assert_allclose(graph.nodes["positions"], positions, rtol=1e-6)
     assert graph.nodes["positions"].dtype == np.float32
     np.testing.assert_array_equal(graph.nodes["features"], node_features([8, 1, 1]))
-    np.testing.assert_array_equal(graph.senders, [0, 0, 1, 2])
-    np.testing.assert_array_equal(graph.receivers, [1, 2, 0, 0])
+    np.testing.assert_array_equal(graph.senders, [0, 1, 0, 2])    # paired: bond directions adjacent
+    np.testing.assert_array_equal(graph.receivers, [1, 0, 2, 0])
     assert graph.senders.dtype == np.int32
     np.testing.assert_array_equal(graph.n_node, [3])
     np.testing.assert_array_equal(graph.n_edge, [4])
@@ -151,3 +151,10 @@ def test_rdkit_noise_is_silenced_but_stderr_is_restored(capfd):
     import sys
     print("still here", file=sys.stderr)
     assert "still here" in capfd.readouterr().err
+
+
+def test_directed_edges_put_each_bonds_two_directions_side_by_side():
+    from se3jax.data.molecules import directed_edges
+    senders, receivers, types = directed_edges([(0, 2, 1), (0, 1, 0)])
+    assert senders.tolist() == [0, 1, 0, 2] and receivers.tolist() == [1, 0, 2, 0]
+    assert types.tolist() == [0, 0, 1, 1]

@@ -67,8 +67,8 @@ def test_first_molecule_is_methane_with_targets_in_their_units(dataset):
     np.testing.assert_array_equal(graph.nodes["features"], node_features([6, 1, 1, 1, 1]))
     np.testing.assert_allclose(graph.nodes["positions"][1], [0.002150416, -0.0060313176, 0.0019761204],
                                rtol=1e-6)
-    np.testing.assert_array_equal(graph.senders, [0, 0, 0, 0, 1, 2, 3, 4])
-    np.testing.assert_array_equal(graph.receivers, [1, 2, 3, 4, 0, 0, 0, 0])
+    np.testing.assert_array_equal(graph.senders, [0, 1, 0, 2, 0, 3, 0, 4])  # paired edges
+    np.testing.assert_array_equal(graph.receivers, [1, 0, 2, 0, 3, 0, 4, 0])
     np.testing.assert_array_equal(graph.edges["features"], np.tile(np.eye(4)[0], (8, 1)))
     assert graph.globals["target"].dtype == np.float32
     np.testing.assert_array_equal(graph.globals["target"], [np.float32(-0.3877 * HARTREE_TO_EV)])

@@ -185,13 +185,15 @@ def infer_bond_list(atomic_numbers, positions) -> tuple[np.ndarray, BondMethod]:
 
 def directed_edges(bonds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Both directions of undirected bonds ``[B, 3]`` (i, j, type): (senders, receivers,
-    bond-type indices), sorted by (sender, receiver) for a deterministic edge order."""
+    bond-type indices). Bonds are sorted by (i, j) for a deterministic order, and each bond's
+    two directions are adjacent (edges 2k and 2k+1): the "paired edges" layout that lets the
+    model compute the radial weights once per bond (:mod:`se3jax.graphs`)."""
     bonds = np.asarray(bonds, np.int64).reshape(-1, 3)
-    senders = np.concatenate([bonds[:, 0], bonds[:, 1]])
-    receivers = np.concatenate([bonds[:, 1], bonds[:, 0]])
-    types = np.concatenate([bonds[:, 2], bonds[:, 2]])
-    order = np.lexsort((receivers, senders))
-    return senders[order], receivers[order], types[order]
+    bonds = bonds[np.lexsort((bonds[:, 1], bonds[:, 0]))]
+    senders = np.stack([bonds[:, 0], bonds[:, 1]], axis=1).reshape(-1)
+    receivers = np.stack([bonds[:, 1], bonds[:, 0]], axis=1).reshape(-1)
+    types = np.repeat(bonds[:, 2], 2)
+    return senders, receivers, types
 
 
 def infer_bonds(atomic_numbers, positions):

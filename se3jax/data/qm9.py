@@ -44,7 +44,7 @@ HARTREE_TO_EV = 27.211386
 NUM_QM9_MOLECULES = 130_831
 FULL_SPLIT_SIZES = {"train": 100_000, "val": 17_748, "test": 13_083}
 SPLIT_SEED = 20_240_901  # fixed forever: changing it changes every reported test MAE
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: bond directions adjacent (paired edges)
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "se3jax")
 CSV_PARTS = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
 

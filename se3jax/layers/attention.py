@@ -61,6 +61,7 @@ class AttentionBlockSE3(nn.Module):
     precision: str = "fp32"
     edge_chunk: int | None = None
     remat: bool = True
+    paired_edges: bool = False
 
     def fibers(self):
         value_fiber = self.fiber_out // self.channels_div
@@ -72,7 +73,7 @@ class AttentionBlockSE3(nn.Module):
         value_fiber, key_fiber = self.fibers()
         kv = ConvSE3(self.fiber_in, value_fiber + key_fiber, self.max_degree, self.fuse_level,
                      precision=self.precision, edge_chunk=self.edge_chunk, remat=self.remat,
-                     return_messages=True, name="key_value_conv")(
+                     return_messages=True, paired_edges=self.paired_edges, name="key_value_conv")(
             features, edge_scalars, harmonics, senders, receivers, edge_mask)
         values = {d: kv[d][:, :value_fiber[d]] for d in value_fiber.degrees}
         keys = {d: kv[d][:, value_fiber[d]:] for d in key_fiber.degrees}

@@ -210,7 +210,7 @@ def group_basis(bases: jax.Array, group: PathGroup) -> jax.Array:
 
 
 def tfn_messages(plan: ConvPlan, hidden: jax.Array, kernel: jax.Array, x_src: dict,
-                 harmonics: jax.Array, compute_dtype=jnp.float32) -> dict:
+                 harmonics: jax.Array, compute_dtype=jnp.float32, paired: bool = False) -> dict:
     """Per-edge TFN messages ``{d_out: [E, c_out, 2 d_out + 1]}`` (at least float32).
 
     ``hidden`` [E, mid] and ``kernel`` [mid, n_weights] are the radial MLP's last activation
@@ -218,8 +218,15 @@ def tfn_messages(plan: ConvPlan, hidden: jax.Array, kernel: jax.Array, x_src: di
     ``harmonics`` the stacked spherical harmonics ``[E, (2 max_degree + 1)^2]``, from which
     the pair bases are built here (49 numbers per edge kept instead of 1,092). Contractions
     run in ``compute_dtype`` and return at least float32.
+
+    ``paired``: edges ``2k, 2k+1`` are the two directions of bond ``k`` and ``hidden`` has one
+    row per bond: the radial weights (the dominant cost) are computed once per bond and
+    contracted with both directions.
     """
-    num_edges = hidden.shape[0]
+    num_edges = x_src[next(iter(x_src))].shape[0]
+    num_rows = hidden.shape[0]  # bonds if paired, else edges
+    if num_rows * (2 if paired else 1) != num_edges:
+        raise ValueError(f"{num_rows} radial rows for {num_edges} edges (paired={paired})")
     accumulation_dtype = jnp.promote_types(compute_dtype, jnp.float32)
     bases = pair_bases(harmonics, plan.max_degree)
     h = hidden.astype(compute_dtype)
@@ -231,9 +238,14 @@ def tfn_messages(plan: ConvPlan, hidden: jax.Array, kernel: jax.Array, x_src: di
         tmp = jnp.einsum("eil,elfk->eifk", x, basis)
         # per-edge weights of the group, already laid out as [e, o, (i, f)]
         w = jnp.take(kernel, jnp.asarray(group.weight_index), axis=1).astype(compute_dtype)
-        radial = jnp.dot(h, w).reshape(num_edges, group.c_out, group.c_in * group.n_freq)
-        msg = jnp.einsum("eoj,ejk->eok", radial, tmp.reshape(num_edges, -1, group.out_dim),
-                         preferred_element_type=accumulation_dtype)
+        radial = jnp.dot(h, w).reshape(num_rows, group.c_out, group.c_in * group.n_freq)
+        if paired:  # one radial matrix per bond, applied to both of its directions
+            tmp = tmp.reshape(num_rows, 2, -1, group.out_dim)
+            msg = jnp.einsum("boj,bsjk->bsok", radial, tmp, preferred_element_type=accumulation_dtype)
+            msg = msg.reshape(num_edges, group.c_out, group.out_dim)
+        else:
+            msg = jnp.einsum("eoj,ejk->eok", radial, tmp.reshape(num_edges, -1, group.out_dim),
+                             preferred_element_type=accumulation_dtype)
         start = 0
         for b in group.out_degrees:
             piece = msg[..., start:start + degree_dim(b)]
@@ -286,6 +298,7 @@ class ConvSE3(nn.Module):
     edge_chunk: int | None = None
     remat: bool = True
     return_messages: bool = False  # attention wants per-edge outputs, not node sums
+    paired_edges: bool = False     # edges 2k, 2k+1 are one bond's two directions (graphs.py)
 
     def plan(self) -> ConvPlan:
         return conv_plan(self.fiber_in, self.fiber_out, FuseLevel(self.fuse_level), self.max_degree)
@@ -297,17 +310,30 @@ class ConvSE3(nn.Module):
         features = {d: jnp.asarray(x) for d, x in features.items()}  # numpy inputs welcome
         plan = self.plan()
         column_scale = 1.0 / np.sqrt(plan.weight_fan_in)
-        hidden, kernel = RadialProfile(plan.n_weights, scaled_normal_columns(column_scale),
-                                       name="radial")(edge_scalars)
         compute_dtype = get_policy(self.precision).compute_dtype
+        paired = self.paired_edges
+        num_edges = senders.shape[0]
+        if paired and num_edges % 2:
+            raise ValueError(f"paired edges need an even edge count, got {num_edges}")
+        # both directions of a bond share length and bond features: one radial row per bond
+        hidden, kernel = RadialProfile(plan.n_weights, scaled_normal_columns(column_scale),
+                                       name="radial")(edge_scalars[0::2] if paired else edge_scalars)
+        # rows = bonds (paired) or edges; per-edge inputs get a [rows, 2] leading shape if paired
+        group_rows = (lambda x: x.reshape((-1, 2) + x.shape[1:])) if paired else (lambda x: x)
+        flat_rows = lambda x: x.reshape((-1,) + x.shape[2:]) if paired else x
 
         def messages(hidden, harmonics, senders):
+            harmonics, senders = flat_rows(harmonics), flat_rows(senders)
             x_src = {d: x[senders] for d, x in features.items()}
-            return tfn_messages(plan, hidden, kernel, x_src, harmonics, compute_dtype)
+            out = tfn_messages(plan, hidden, kernel, x_src, harmonics, compute_dtype, paired)
+            return {d: group_rows(m) for d, m in out.items()}
 
         if self.remat:
             messages = jax.checkpoint(messages)
-        msgs = chunked_edge_map(messages, hidden.shape[0], self.edge_chunk, hidden, harmonics, senders)
+        rows = hidden.shape[0]
+        chunk = self.edge_chunk // 2 if (paired and self.edge_chunk) else self.edge_chunk
+        msgs = chunked_edge_map(messages, rows, chunk, hidden, group_rows(harmonics), group_rows(senders))
+        msgs = {d: flat_rows(m) for d, m in msgs.items()}
         msgs = {d: jnp.where(edge_mask[:, None, None], m, 0.0) for d, m in msgs.items()}
         if self.return_messages:
             return msgs

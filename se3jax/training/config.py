@@ -34,6 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.precision = "fp32"            # fp32 | bf16 | fp16 (dynamic loss scaling)
     c.low_memory = False
     c.edge_chunk = 0                # 0 = the model's default
+    c.paired_edges = True           # QM9 graphs list each bond's two directions adjacently
     # optimisation (SPEC §3)
     c.batch_size = 240              # molecules per device and step
     c.num_epochs = 100
@@ -121,4 +122,5 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
                 num_channels=config.num_channels, num_heads=config.num_heads,
                 channels_div=config.channels_div, pooling=config.pooling,
                 fuse_level=config.fuse_level, precision=config.precision,
-                low_memory=config.low_memory, edge_chunk=config.edge_chunk or None)
+                low_memory=config.low_memory, edge_chunk=config.edge_chunk or None,
+                paired_edges=config.paired_edges)
