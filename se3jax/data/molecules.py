@@ -7,7 +7,7 @@ with a one-hot bond type (single, double, triple, aromatic). Bonds come from RDK
 
 >>> g = molecule_to_graph(["O", "H", "H"], [[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
 >>> g.nodes["features"].shape, g.senders.tolist(), g.receivers.tolist()
-((3, 6), [0, 0, 1, 2], [1, 2, 0, 0])
+((3, 6), [0, 1, 0, 2], [1, 0, 2, 0])
 """
 
 from __future__ import annotations
