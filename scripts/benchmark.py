@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from se3jax.graphs import padding_masks
+from se3jax.basis import edge_geometry
+from se3jax.graphs import HARMONICS, padding_masks
 from se3jax.layers import FuseLevel
 from se3jax.model import SE3TransformerPooled
 from se3jax.testing import synthetic_batch
@@ -63,14 +64,20 @@ def time_steps(run, warmup: int, steps: int) -> list[float]:
 
 
 def benchmark_one(fuse_level: str, precision: str, low_memory: bool, batch_size: int,
-                  steps: int, warmup: int, mode: str, num_layers: int, edges: str = "paired") -> dict:
+                  steps: int, warmup: int, mode: str, num_layers: int, edges: str = "paired",
+                  precompute_bases: bool = False) -> dict:
     rng = np.random.default_rng(0)
-    batch = jax.device_put(synthetic_batch(rng, batch_size))
+    batch = synthetic_batch(rng, batch_size)
+    if precompute_bases:  # as the loader does with config.precompute_bases
+        harmonics, _ = edge_geometry(batch.nodes["positions"], batch.senders, batch.receivers, 6)
+        batch = batch._replace(edges={**batch.edges, HARMONICS: np.asarray(harmonics)})
+    batch = jax.device_put(batch)
     num_molecules = int(np.sum(np.asarray(padding_masks(batch)[2])))
     model = SE3TransformerPooled(num_layers=num_layers, fuse_level=fuse_level,
                                  precision=precision, low_memory=low_memory,
                                  paired_edges=edges == "paired")
     result = {"fuse_level": fuse_level, "precision": precision, "low_memory": low_memory, "edges": edges,
+              "precompute_bases": precompute_bases,
               "batch_size": batch_size, "molecules": num_molecules, "mode": mode,
               "num_nodes": int(batch.nodes["positions"].shape[0]), "num_edges": int(batch.senders.shape[0])}
     optimizer = optax.adamw(2e-3, weight_decay=0.1)
@@ -112,6 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--low-memory", default="off", choices=["off", "on", "both"])
     parser.add_argument("--edges", nargs="+", default=["paired"], choices=["paired", "unpaired"],
                         help="paired: radial weights once per bond (the QM9 pipeline's layout)")
+    parser.add_argument("--precompute-bases", action="store_true",
+                        help="feed precomputed edge harmonics (config.precompute_bases)")
     parser.add_argument("--mode", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--num-layers", type=int, default=7, help="attention layers (QM9 model: 7)")
@@ -129,7 +138,7 @@ def main(argv=None) -> int:
     for mode, level, precision, low, edges in itertools.product(
             args.mode, args.fuse_level, args.precision, low_memory, args.edges):
         r = benchmark_one(level, precision, low, args.batch_size, args.steps, args.warmup, mode,
-                          args.num_layers, edges)
+                          args.num_layers, edges, args.precompute_bases)
         results.append(r)
         print(f"{mode:5} {level:11} {precision:4} {str(low):6} {edges:8} {r['molecules_per_s']:7.1f} {r['step_s']:7.3f} "
               f"{r['compile_s']:9.1f} {r.get('total_bytes', float('nan')) / 1e9:10.2f} "

@@ -3,7 +3,9 @@
 Conventions (shared by the data pipeline, the model and inference):
 
 - ``graphs.nodes = {"positions": [N, 3] float, "features": [N, F_node] float}``
-- ``graphs.edges = {"features": [E, F_edge] float}``
+- ``graphs.edges = {"features": [E, F_edge] float}``, optionally with ``"harmonics":
+  [E, (2L+1)^2]`` precomputed stacked spherical harmonics of the edge directions (basis
+  precomputation; otherwise the model computes them from positions, with gradients).
 - edge ``e`` goes ``senders[e] -> receivers[e]``; its relative position is
   ``positions[receivers[e]] - positions[senders[e]]`` (destination minus source).
 - ``graphs.globals`` is ``None`` or a dict of ``[G, ...]`` arrays (e.g. ``{"target": [G]}``).
@@ -32,6 +34,7 @@ import numpy as np
 
 POSITIONS = "positions"
 FEATURES = "features"
+HARMONICS = "harmonics"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import jraph
 
-from se3jax.basis import edge_geometry
+from se3jax.basis import edge_geometry, harmonics_dim
 from se3jax.fiber import Fiber
-from se3jax.graphs import (FEATURES, POSITIONS, edges_are_paired, node_graph_index, padding_masks,
+from se3jax.graphs import (FEATURES, HARMONICS, POSITIONS, edges_are_paired, node_graph_index, padding_masks,
                            validate_graphs)
 from se3jax.layers.attention import AttentionBlockSE3
 from se3jax.layers.convolution import ConvSE3, FuseLevel
@@ -106,6 +106,12 @@ class SE3TransformerPooled(nn.Module):
         max_degree = self.num_degrees - 1
         harmonics, lengths = edge_geometry(graphs.nodes[POSITIONS], graphs.senders,
                                            graphs.receivers, 2 * max_degree)
+        if HARMONICS in graphs.edges:  # precomputed (no gradient to positions through them)
+            expected = (graphs.senders.shape[0], harmonics_dim(2 * max_degree))
+            if tuple(graphs.edges[HARMONICS].shape) != expected:
+                raise ValueError(f"precomputed edge harmonics have shape {tuple(graphs.edges[HARMONICS].shape)}, "
+                                 f"expected {list(expected)} for {self.num_degrees} degrees")
+            harmonics = at_least_f32(graphs.edges[HARMONICS])
         edge_scalars = jnp.concatenate(
             [at_least_f32(graphs.edges[FEATURES]), lengths[:, None]], axis=-1)
         features = {0: at_least_f32(graphs.nodes[FEATURES])[:, :, None]}

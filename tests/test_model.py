@@ -214,3 +214,15 @@ def test_oversize_and_empty_batches_raise():
         pad_to_budget(mols, PaddingBudget(16, 80, 4))
     with pytest.raises(ValueError, match="empty list"):
         pad_to_budget([], PaddingBudget(16, 80, 4))
+
+
+def test_precomputed_harmonics_give_the_same_outputs(model_and_params, small_batch):
+    from se3jax.graphs import HARMONICS
+    model, params = model_and_params
+    harmonics, _ = edge_geometry(small_batch.nodes[POSITIONS], small_batch.senders, small_batch.receivers, 6)
+    with_harmonics = small_batch._replace(edges={**small_batch.edges, HARMONICS: np.asarray(harmonics)})
+    np.testing.assert_allclose(jax.jit(model.apply)(params, with_harmonics),
+                               jax.jit(model.apply)(params, small_batch), rtol=1e-6, atol=1e-7)
+    wrong = small_batch._replace(edges={**small_batch.edges, HARMONICS: np.asarray(harmonics)[:, :16]})
+    with pytest.raises(ValueError, match="precomputed edge harmonics have shape"):
+        model.apply(params, wrong)

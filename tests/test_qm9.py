@@ -159,3 +159,16 @@ def test_broken_cache_is_detected_logged_and_rebuilt(tmp_path, caplog, monkeypat
     np.testing.assert_array_equal(rebuilt.positions, reference.positions)
     qm9.load_cache(path, k)  # the rebuilt file is valid
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_precomputed_harmonics_match_the_model_geometry(dataset):
+    from se3jax.basis import edge_geometry
+    from se3jax.graphs import HARMONICS
+    seconds = dataset.precompute_harmonics(max_degree=3)
+    try:
+        assert seconds >= 0 and dataset.edge_harmonics.shape == (len(dataset.senders), 49)
+        batch = dataset.batch_graphs(np.arange(5))
+        expected, _ = edge_geometry(batch.nodes["positions"], batch.senders, batch.receivers, 6)
+        np.testing.assert_allclose(batch.edges[HARMONICS], expected, rtol=1e-5, atol=1e-6)
+    finally:
+        dataset.edge_harmonics = None  # the module-scoped dataset is shared

@@ -121,6 +121,14 @@ def test_training_loop_runs_on_two_devices(config, tmp_path, method):
     assert result["step"] >= 2 and np.isfinite(result["val_mae"]) and np.isfinite(result["test_mae"])
 
 
+def test_training_with_precomputed_bases(config, tmp_path):
+    config.precompute_bases = True
+    config.max_train_molecules, config.max_eval_molecules, config.max_steps = 32, 40, 2
+    result = train_and_evaluate(config, tmp_path)
+    assert result["step"] == 2
+    assert np.all(np.isfinite(jax.tree.leaves(final_params(tmp_path))[0]))
+
+
 def test_fp16_loss_scaling_skips_overflowing_steps(config, two_batches_and_combined):
     _, combined = two_batches_and_combined
     batch = jax.tree.map(lambda x: x[0], combined)

@@ -22,7 +22,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.max_molecules = 0             # >0: process only the first K molecules (tests, smoke runs)
     c.max_train_molecules = 0       # >0: train on the first K molecules of the train split
     c.max_eval_molecules = 0        # >0: evaluate on the first K molecules of val and test
-    c.precompute_bases = False      # keep per-edge spherical harmonics in host RAM (float16)
+    c.precompute_bases = False      # keep per-edge spherical harmonics in host RAM (49 floats/edge)
     # model (SPEC §1)
     c.num_layers = 7
     c.num_degrees = 4
