@@ -15,24 +15,24 @@ from se3jax.graphs import PaddingBudget
 from se3jax.testing import synthetic_batch
 
 
-@pytest.fixture
-def x64():
-    """Run a test in float64 (equivariance to rounding level), then restore float32."""
-    jax.config.update("jax_enable_x64", True)
+def _jax_flag_on(name):
+    jax.config.update(name, True)
     try:
         yield
     finally:
-        jax.config.update("jax_enable_x64", False)
+        jax.config.update(name, False)
+
+
+@pytest.fixture
+def x64():
+    """Run a test in float64 (equivariance to rounding level), then restore float32."""
+    yield from _jax_flag_on("jax_enable_x64")
 
 
 @pytest.fixture
 def debug_nans():
     """Any NaN produced inside a jitted/evaluated computation raises immediately."""
-    jax.config.update("jax_debug_nans", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_debug_nans", False)
+    yield from _jax_flag_on("jax_debug_nans")
 
 
 @pytest.fixture
@@ -63,3 +63,19 @@ def qm9_subset_cache(tmp_path_factory):
 def qm9_subset(qm9_subset_cache):
     from se3jax.data.qm9 import load_qm9
     return load_qm9(qm9_subset_cache, max_molecules=400, num_workers=1)
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, qm9_subset_cache):
+    """A training workdir of the tiny config, trained for 3 steps on the QM9 subset."""
+    from pathlib import Path
+
+    from se3jax.training.config import load_config_file
+    from se3jax.training.train import train_and_evaluate
+    config = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "test.py")
+    config.cache_dir = str(qm9_subset_cache)
+    config.max_train_molecules = 32
+    config.max_steps = 3
+    workdir = tmp_path_factory.mktemp("trained")
+    train_and_evaluate(config, workdir)
+    return workdir

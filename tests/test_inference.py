@@ -15,25 +15,12 @@ from se3jax import inference
 from se3jax.graphs import POSITIONS, pad_to_budget
 from se3jax.testing import random_rotations
 from se3jax.training.checkpoints import Checkpointer
-from se3jax.training.config import load_config_file
-from se3jax.training.train import build_model, train_and_evaluate
+from se3jax.training.train import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 WATER = (["O", "H", "H"], np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0], [-0.2400, 0.9266, 0.0]]))
 METHANE = (["C", "H", "H", "H", "H"], np.array([[0, 0, 0], [0.629, 0.629, 0.629], [-0.629, -0.629, 0.629],
                                                  [-0.629, 0.629, -0.629], [0.629, -0.629, -0.629]]))
-
-
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory, qm9_subset_cache):
-    """A tiny model trained for a few steps on the QM9 subset."""
-    config = load_config_file(REPO / "configs" / "test.py")
-    config.cache_dir = str(qm9_subset_cache)
-    config.max_train_molecules = 32
-    config.max_steps = 3
-    workdir = tmp_path_factory.mktemp("trained")
-    train_and_evaluate(config, workdir)
-    return workdir
 
 
 @pytest.fixture(scope="module")

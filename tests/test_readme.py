@@ -17,28 +17,15 @@ def example(kind: str) -> str:
     return match.group(1)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, qm9_subset_cache):
-    from se3jax.training.config import load_config_file
-    from se3jax.training.train import train_and_evaluate
-    config = load_config_file(REPO / "configs" / "test.py")
-    config.cache_dir = str(qm9_subset_cache)
-    config.max_train_molecules = 16
-    config.max_steps = 1
-    path = tmp_path_factory.mktemp("readme_run")
-    train_and_evaluate(config, path)
-    return path
-
-
-def test_python_example_runs(workdir, tmp_path, monkeypatch):
+def test_python_example_runs(trained_workdir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = example("python").replace('"runs/qm9"', repr(str(workdir)))
+    code = example("python").replace('"runs/qm9"', repr(str(trained_workdir)))
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
     assert (tmp_path / "homo.jaxexport").exists()
 
 
-def test_shell_example_runs(workdir, tmp_path):
-    script = example("shell").replace("runs/qm9", str(workdir)).replace(
+def test_shell_example_runs(trained_workdir, tmp_path):
+    script = example("shell").replace("runs/qm9", str(trained_workdir)).replace(
         "scripts/predict.py", str(REPO / "scripts" / "predict.py")).replace("python3 ", f"{sys.executable} ")
     result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

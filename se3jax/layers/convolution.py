@@ -286,7 +286,9 @@ class ConvSE3(nn.Module):
     per-edge radial weights in the backward pass instead of storing them (they are the
     largest tensor of the model: ~45k numbers per edge per layer). Source features are
     gathered and bases built inside each chunk, so per layer only node-sized and 49-wide
-    per-edge arrays are kept for the backward pass.
+    per-edge arrays are kept for the backward pass. ``paired_edges``: edges ``2k, 2k+1`` are
+    the two directions of one bond (:func:`se3jax.graphs.edges_are_paired`), so their radial
+    weights are equal and computed once.
     """
 
     fiber_in: Fiber
@@ -318,9 +320,13 @@ class ConvSE3(nn.Module):
         # both directions of a bond share length and bond features: one radial row per bond
         hidden, kernel = RadialProfile(plan.n_weights, scaled_normal_columns(column_scale),
                                        name="radial")(edge_scalars[0::2] if paired else edge_scalars)
-        # rows = bonds (paired) or edges; per-edge inputs get a [rows, 2] leading shape if paired
-        group_rows = (lambda x: x.reshape((-1, 2) + x.shape[1:])) if paired else (lambda x: x)
-        flat_rows = lambda x: x.reshape((-1,) + x.shape[2:]) if paired else x
+        # Work is split over rows: bonds if paired (per-edge arrays viewed as [E/2, 2, ...]),
+        # else edges.
+        def group_rows(x):
+            return x.reshape((-1, 2) + x.shape[1:]) if paired else x
+
+        def flat_rows(x):
+            return x.reshape((-1,) + x.shape[2:]) if paired else x
 
         def messages(hidden, harmonics, senders):
             harmonics, senders = flat_rows(harmonics), flat_rows(senders)
