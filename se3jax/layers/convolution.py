@@ -59,10 +59,13 @@ def allowed_levels(fiber_in: Fiber, fiber_out: Fiber) -> tuple[FuseLevel, ...]:
     return tuple(levels)
 
 
-# Fastest level per backend, measured with `scripts/benchmark.py --fuse-level ...` (README).
-# Wider groups mean fewer, bigger ops (good on GPU) but more multiply-adds (bad on CPU).
+# Fastest level per backend. CPU, measured with `scripts/benchmark.py --fuse-level ...` on the
+# 2-core project machine (QM9 model, batch 100, paired edges): training none 29-30 mol/s,
+# partial_out 27-28, partial_in 21, full 14; inference partial_out 172, none 162 -- training
+# is the heavy workload, so none first. Wider groups mean fewer, bigger ops but more
+# multiply-adds: the GPU order is the reference's choice, not yet measured here.
 _PREFERENCE = {
-    "cpu": (FuseLevel.PARTIAL_OUT, FuseLevel.NONE),
+    "cpu": (FuseLevel.NONE,),
     "gpu": (FuseLevel.FULL, FuseLevel.PARTIAL_OUT, FuseLevel.PARTIAL_IN, FuseLevel.NONE),
 }
 
