@@ -181,3 +181,14 @@ def test_corrupt_checkpoint_gives_a_clear_error(config, tmp_path):
     config.max_steps = 4
     with pytest.raises(CheckpointError, match="cannot be restored.*corrupt"):
         train_and_evaluate(config, tmp_path)
+
+
+def test_plot_metrics_renders_learning_curves(trained_workdir, tmp_path):
+    out = tmp_path / "curves.png"
+    result = subprocess.run([sys.executable, "scripts/plot_metrics.py", str(trained_workdir), "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    missing = subprocess.run([sys.executable, "scripts/plot_metrics.py", str(tmp_path)], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "metrics.jsonl not found" in missing.stderr
