@@ -89,7 +89,11 @@ def molecule_graph(positions, node_features, senders, receivers, edge_features,
 
 def pad_to_budget(graphs: jraph.GraphsTuple | Sequence[jraph.GraphsTuple],
                   budget: PaddingBudget) -> jraph.GraphsTuple:
-    """Batch (if given a list) and pad to ``budget``; a clear error if it does not fit."""
+    """Batch (if given a list) and pad to ``budget``; a clear error if it does not fit.
+
+    Returns numpy arrays in the model's dtypes: floats as float32, indices and counts as
+    int32 (jraph's padding widens them).
+    """
     if not isinstance(graphs, jraph.GraphsTuple):
         graphs = list(graphs)
         if not graphs:
@@ -101,7 +105,9 @@ def pad_to_budget(graphs: jraph.GraphsTuple | Sequence[jraph.GraphsTuple],
         raise ValueError(
             f"batch of {n_graph} graphs with {n_node} nodes and {n_edge} edges does not fit the "
             f"padding budget {budget} (one node and one graph are reserved for padding)")
-    return jraph.pad_with_graphs(graphs, budget.n_node, budget.n_edge, budget.n_graph)
+    padded = jraph.pad_with_graphs(graphs, budget.n_node, budget.n_edge, budget.n_graph)
+    return jax.tree.map(lambda x: np.asarray(x, np.float32 if np.asarray(x).dtype.kind == "f" else np.int32),
+                        padded)
 
 
 def padding_masks(graphs: jraph.GraphsTuple):

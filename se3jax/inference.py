@@ -27,8 +27,9 @@ import ml_collections
 import numpy as np
 
 from se3jax.data.loader import pack_batches
-from se3jax.data.molecules import molecule_to_graph
-from se3jax.graphs import FEATURES, POSITIONS, PaddingBudget, pad_to_budget, padding_masks, validate_graphs
+from se3jax.data.molecules import molecule_to_graph, node_features
+from se3jax.graphs import (FEATURES, POSITIONS, PaddingBudget, molecule_graph, pad_to_budget, padding_masks,
+                           validate_graphs)
 from se3jax.model import SE3TransformerPooled
 from se3jax.training.checkpoints import CheckpointError, Checkpointer
 from se3jax.training.config import model_kwargs
@@ -80,17 +81,12 @@ class Predictor:
         out = np.zeros(len(graphs), np.float64)
         for idx in batches:
             padded = pad_to_budget([graphs[i] for i in idx], budget)
-            padded = _model_dtypes(padded)
-            validate_graphs(padded, self.model.node_features_dim, self.model.edge_features_dim)
+            validate_graphs(padded, self.model.node_features_dim, self.model.edge_features_dim,
+                            self.model.paired_edges)
             out[idx] = np.asarray(self.jitted(self.params, padded))[:len(idx)]
             if progress is not None:
                 progress(len(idx))
         return out
-
-
-def _model_dtypes(graphs: jraph.GraphsTuple) -> jraph.GraphsTuple:
-    return jax.tree.map(lambda x: np.asarray(x, np.float32) if np.asarray(x).dtype.kind == "f"
-                        else np.asarray(x, np.int32), graphs)
 
 
 def molecules_to_graphs(molecules: Sequence, budget: PaddingBudget) -> jraph.GraphsTuple:
@@ -99,7 +95,7 @@ def molecules_to_graphs(molecules: Sequence, budget: PaddingBudget) -> jraph.Gra
     positions ``[N, 3]`` in Angstrom, bonds ``[(i, j, "single"|"double"|"triple"|"aromatic")]``;
     without bonds they are inferred from the geometry exactly as for the training data."""
     graphs = [molecule_to_graph(*m) for m in molecules]
-    return _model_dtypes(pad_to_budget(graphs, budget))
+    return pad_to_budget(graphs, budget)
 
 
 def load_predictor(workdir: str | Path, precision: str | None = None, fuse_level: str | None = None,
@@ -143,12 +139,10 @@ def load_predictor(workdir: str | Path, precision: str | None = None, fuse_level
 
 def _example_graphs(budget: PaddingBudget) -> jraph.GraphsTuple:
     """A structurally valid padded batch (one methane-like molecule) for shapes."""
-    from se3jax.graphs import molecule_graph
     positions = np.array([[0, 0, 0], [1.09, 0, 0], [-0.36, 1.03, 0], [-0.36, -0.51, 0.89], [-0.36, -0.51, -0.89]])
-    from se3jax.data.molecules import node_features
-    mol = molecule_graph(positions, node_features([6, 1, 1, 1, 1]), [0, 0, 0, 0, 1, 2, 3, 4],
-                         [1, 2, 3, 4, 0, 0, 0, 0], np.eye(4)[[0] * 8])
-    return _model_dtypes(pad_to_budget([mol], budget))
+    mol = molecule_graph(positions, node_features([6, 1, 1, 1, 1]), [0, 1, 0, 2, 0, 3, 0, 4],
+                         [1, 0, 2, 0, 3, 0, 4, 0], np.eye(4)[[0] * 8])  # paired edges
+    return pad_to_budget([mol], budget)
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,16 +53,6 @@ def pack_batches(num_nodes: Sequence[int], num_edges: Sequence[int], order: Sequ
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _as_model_dtypes(graphs: jraph.GraphsTuple) -> jraph.GraphsTuple:
-    """Floats as float32 and indices/counts as int32 (jraph's padding widens indices)."""
-    def cast(x):
-        x = np.asarray(x)
-        if np.issubdtype(x.dtype, np.floating):
-            return x.astype(np.float32, copy=False)
-        return x.astype(np.int32, copy=False)
-    return jax.tree_util.tree_map(cast, graphs)
-
-
 def _stack(batches: list[jraph.GraphsTuple]) -> jraph.GraphsTuple:
     """Per-device batches -> one GraphsTuple with a leading device axis ``[D, ...]``."""
     return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
@@ -112,7 +102,7 @@ class BatchLoader:
 
     def assemble(self, step: list[np.ndarray]) -> jraph.GraphsTuple:
         """One step's padded batch (stacked over devices when ``num_devices > 1``)."""
-        batches = [_as_model_dtypes(pad_to_budget(self.dataset.batch_graphs(idx), self.budget))
+        batches = [pad_to_budget(self.dataset.batch_graphs(idx), self.budget)
                    for idx in step]
         return batches[0] if self.num_devices == 1 else _stack(batches)
 
