@@ -168,3 +168,16 @@ def test_an_abandoned_iterator_stops_its_thread():
     while len(loader_threads()) > before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(loader_threads()) == before
+
+
+def test_processes_share_an_epoch_with_equal_step_counts(dataset, train, budget):
+    """Multi-host: each process gets its own device groups, all the same count, together
+    covering every molecule exactly once."""
+    loaders = [BatchLoader(dataset, train, BATCH, budget, seed=3, num_devices=2, process_index=p,
+                           process_count=3) for p in range(3)]
+    counts = {loader.num_batches(0) for loader in loaders}
+    assert len(counts) == 1
+    seen = np.concatenate([idx for loader in loaders for group in loader.plan(0) for idx in group])
+    np.testing.assert_array_equal(np.sort(seen), np.sort(train))
+    with pytest.raises(ValueError, match="process_index"):
+        BatchLoader(dataset, train, BATCH, budget, process_index=3, process_count=3)

@@ -66,13 +66,21 @@ class BatchLoader:
     (float32/int32) with ``globals={"target": [G] float32}`` (normalised; 0 for padding).
     With ``num_devices > 1`` each item stacks one padded batch per device: ``[D, ...]``; the last
     group of an epoch is completed with all-padding batches.
+
+    Across hosts (``process_count > 1``) every process packs the same epoch (it depends only on
+    seed and epoch) and takes every ``process_count``-th device group, the batch list padded so
+    that all processes run the same number of steps (collectives never wait on a missing one).
     """
 
     def __init__(self, dataset, indices, batch_size: int, budget: PaddingBudget,
-                 shuffle: bool = True, seed: int = 0, num_devices: int = 1, prefetch: int = 4):
+                 shuffle: bool = True, seed: int = 0, num_devices: int = 1, prefetch: int = 4,
+                 process_index: int = 0, process_count: int = 1):
         if batch_size < 1 or num_devices < 1 or prefetch < 1:
             raise ValueError(f"batch_size ({batch_size}), num_devices ({num_devices}) and prefetch "
                              f"({prefetch}) must be positive")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+        self.process_index, self.process_count = process_index, process_count
         self.indices = np.asarray(indices, np.int64).reshape(-1)
         if self.indices.size == 0:
             raise ValueError("BatchLoader got no molecule indices")
@@ -92,8 +100,9 @@ class BatchLoader:
             batches = pack_batches(self.dataset.num_nodes, self.dataset.num_edges,
                                    self.order(epoch), self.batch_size, self.budget)
             d = self.num_devices
-            batches += [np.zeros(0, np.int64)] * (-len(batches) % d)
-            self._plans = {epoch: [batches[k:k + d] for k in range(0, len(batches), d)]}
+            batches += [np.zeros(0, np.int64)] * (-len(batches) % (d * self.process_count))
+            groups = [batches[k:k + d] for k in range(0, len(batches), d)]
+            self._plans = {epoch: groups[self.process_index::self.process_count]}
         return self._plans[epoch]
 
     def num_batches(self, epoch: int) -> int:

@@ -119,16 +119,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     train_idx = limit(dataset.splits["train"], config.max_train_molecules)
     val_idx = limit(dataset.splits["val"], config.max_eval_molecules)
     test_idx = limit(dataset.splits["test"], config.max_eval_molecules)
-    # this process's share of the training molecules (multi-host)
-    train_idx = train_idx[jax.process_index()::jax.process_count()]
 
     devices = jax.local_devices()[:config.num_devices or None]
     num_devices = len(devices)
     budget = budget_for(dataset, np.concatenate([train_idx, val_idx, test_idx]), config.batch_size)
+    hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_loader = BatchLoader(dataset, train_idx, config.batch_size, budget, shuffle=True,
-                               seed=config.seed, num_devices=num_devices)
+                               seed=config.seed, num_devices=num_devices, **hosts)
     eval_loaders = {name: BatchLoader(dataset, idx, config.batch_size, budget, shuffle=False,
-                                      num_devices=num_devices)
+                                      num_devices=num_devices, **hosts)
                     for name, idx in (("val", val_idx), ("test", test_idx)) if len(idx)}
     steps_per_epoch = train_loader.num_batches(0)
     logging.info("QM9 %s: %d train / %d val / %d test molecules, %d steps per epoch on %d device(s), "
