@@ -192,3 +192,29 @@ def test_plot_metrics_renders_learning_curves(trained_workdir, tmp_path):
     missing = subprocess.run([sys.executable, "scripts/plot_metrics.py", str(tmp_path)], cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "metrics.jsonl not found" in missing.stderr
+
+
+def test_ctrl_c_saves_the_exact_position_and_the_rerun_resumes(qm9_subset_cache, tmp_path):
+    import signal
+    import time
+
+    args = [sys.executable, "train/main.py", "--config", "configs/test.py", "--workdir", str(tmp_path),
+            f"--config.cache_dir={qm9_subset_cache}", "--config.checkpoint_every_steps=100000",
+            "--config.log_every_steps=1", "--config.num_epochs=50"]  # ~19 steps per epoch
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(read_metrics(tmp_path, "train_loss")) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "interrupted: checkpoint saved at step" in stderr
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints")
+    step = manager.latest_step()
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    manager.close()
+    assert step >= 3 and (meta["epoch"], meta["batch"]) == (0, step)  # mid-epoch, exact batch
+    result = subprocess.run(args[:-1] + [f"--config.max_steps={step + 2}"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming at step {step} (epoch 0, batch {step})" in result.stderr
