@@ -33,11 +33,15 @@ class Policy:
 
     @property
     def accumulation_dtype(self) -> np.dtype:
-        """Contractions produce (and sums accumulate in) at least float32."""
-        return np.dtype(jnp.promote_types(self.compute_dtype, jnp.float32))
+        return accumulation_dtype(self.compute_dtype)
 
     def cast(self, x: jax.Array) -> jax.Array:
         return x.astype(self.compute_dtype)
+
+
+def accumulation_dtype(compute_dtype) -> np.dtype:
+    """Contractions in ``compute_dtype`` produce (and sums accumulate in) at least float32."""
+    return np.dtype(jnp.promote_types(compute_dtype, jnp.float32))
 
 
 def at_least_f32(x: jax.Array) -> jax.Array:

@@ -35,7 +35,7 @@ from se3jax.basis import harmonics_dim, num_frequencies, path_basis_matrix
 from se3jax.fiber import Fiber, degree_dim
 from se3jax.layers.linear import LinearSE3
 from se3jax.layers.radial import RadialProfile, scaled_normal_columns
-from se3jax.precision import get_policy
+from se3jax.precision import accumulation_dtype, get_policy
 
 
 class FuseLevel(str, enum.Enum):
@@ -230,7 +230,7 @@ def tfn_messages(plan: ConvPlan, hidden: jax.Array, kernel: jax.Array, x_src: di
     num_rows = hidden.shape[0]  # bonds if paired, else edges
     if num_rows * (2 if paired else 1) != num_edges:
         raise ValueError(f"{num_rows} radial rows for {num_edges} edges (paired={paired})")
-    accumulation_dtype = jnp.promote_types(compute_dtype, jnp.float32)
+    out_dtype = accumulation_dtype(compute_dtype)
     bases = pair_bases(harmonics, plan.max_degree)
     h = hidden.astype(compute_dtype)
     out = {}
@@ -244,11 +244,11 @@ def tfn_messages(plan: ConvPlan, hidden: jax.Array, kernel: jax.Array, x_src: di
         radial = jnp.dot(h, w).reshape(num_rows, group.c_out, group.c_in * group.n_freq)
         if paired:  # one radial matrix per bond, applied to both of its directions
             tmp = tmp.reshape(num_rows, 2, -1, group.out_dim)
-            msg = jnp.einsum("boj,bsjk->bsok", radial, tmp, preferred_element_type=accumulation_dtype)
+            msg = jnp.einsum("boj,bsjk->bsok", radial, tmp, preferred_element_type=out_dtype)
             msg = msg.reshape(num_edges, group.c_out, group.out_dim)
         else:
             msg = jnp.einsum("eoj,ejk->eok", radial, tmp.reshape(num_edges, -1, group.out_dim),
-                             preferred_element_type=accumulation_dtype)
+                             preferred_element_type=out_dtype)
         start = 0
         for b in group.out_degrees:
             piece = msg[..., start:start + degree_dim(b)]
@@ -282,8 +282,9 @@ class ConvSE3(nn.Module):
 
     Call with node features ``{d: [N, C_d, 2d+1]}``, the edge scalars ``[E, F_edge]`` (bond
     features with the edge length appended), the stacked edge harmonics ``[E, (2L+1)^2]``
-    (:func:`se3jax.basis.edge_geometry`), ``senders``/``receivers`` and the edge mask. Returns ``{d: [N, C_d, 2d+1]}`` summed over
-    incoming real edges, plus a per-degree self-interaction when ``self_interaction``.
+    (:func:`se3jax.basis.edge_geometry`), ``senders``/``receivers`` and the edge mask.
+    Returns ``{d: [N, C_d, 2d+1]}`` summed over incoming real edges, plus a per-degree
+    self-interaction when ``self_interaction``.
 
     ``edge_chunk`` processes edges in chunks (lower peak memory); ``remat`` recomputes the
     per-edge radial weights in the backward pass instead of storing them (they are the

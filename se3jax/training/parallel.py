@@ -61,12 +61,16 @@ class DataParallel:
         tree = jax.device_get(tree)
         if self.method == "pmap":
             stacked = jax.tree.map(lambda x: np.broadcast_to(x, (self.num_local,) + np.shape(x)), tree)
-            return self.put_batch(stacked)
+            sharding = NamedSharding(self.mesh, P(AXIS))
+            return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), stacked)
         return jax.device_put(tree, NamedSharding(self.mesh, P()))
 
     def put_batch(self, batch):
-        """Host batch stacked over this process's devices ``[D_local, ...]`` -> arrays sharded
-        along the device axis (across hosts, each process gives its own devices' part)."""
+        """This process's batch, as the loader yields it (one plain batch for a single device,
+        stacked ``[D_local, ...]`` for several) -> arrays sharded along the device axis
+        (across hosts, each process gives its own devices' part)."""
+        if self.num_local == 1:
+            batch = jax.tree.map(lambda x: np.asarray(x)[None], batch)
         sharding = NamedSharding(self.mesh, P(AXIS))
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                             batch)

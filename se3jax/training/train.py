@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from se3jax.data.loader import BatchLoader, budget_for
 from se3jax.data.qm9 import DEFAULT_CACHE_DIR, load_qm9
+from se3jax.graphs import pad_to_budget
 from se3jax.model import SE3TransformerPooled
 from se3jax.training.checkpoints import Checkpointer
 from se3jax.training.config import model_kwargs, validate_config
@@ -73,19 +74,15 @@ class MetricsWriter:
             self._tb.close()
 
 
-def evaluate(parallel: DataParallel, params, loader: BatchLoader, std: float, num_devices: int) -> float:
+def evaluate(parallel: DataParallel, params, loader: BatchLoader, std: float) -> float:
     """MAE over the loader's molecules, in the target's unit (exact: sums of errors and counts)."""
     total, count = 0.0, 0.0
     with contextlib.closing(loader.epoch_batches(0)) as batches:
         for batch in batches:
-            out = parallel.get(parallel.eval_step(params, parallel.put_batch(_with_device_axis(batch, num_devices))))
+            out = parallel.get(parallel.eval_step(params, parallel.put_batch(batch)))
             total += float(out["abs_error_sum"])
             count += float(out["num_graphs"])
     return total / max(count, 1.0) * std
-
-
-def _with_device_axis(batch, num_devices: int):
-    return jax.tree.map(lambda x: x[None], batch) if num_devices == 1 else batch
 
 
 def _save_json(path: Path, data: dict) -> None:
@@ -136,8 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     model = build_model(config)
     optimizer = make_optimizer(config, steps_per_epoch)
-    first = train_loader.assemble(train_loader.plan(0)[0])
-    first = jax.tree.map(lambda x: x[0], first) if num_devices > 1 else first
+    first = pad_to_budget(dataset.batch_graphs(train_loader.plan(0)[0][0]), budget)  # for shapes
     state = create_train_state(model, optimizer, first, jax.random.PRNGKey(config.seed),
                                loss_scaling=config.precision == "fp16")
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
@@ -157,7 +153,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     position = (epoch, start_batch)  # where the next step's batch comes from
 
     def save() -> None:
-        checkpointer.save(step, parallel.get(replicated), {"epoch": position[0], "batch": position[1],
+        epoch_, batch_ = position
+        if batch_ >= train_loader.num_batches(epoch_):  # the end of an epoch is the next one's start
+            epoch_, batch_ = epoch_ + 1, 0
+        checkpointer.save(step, parallel.get(replicated), {"epoch": epoch_, "batch": batch_,
                                                            "seed": config.seed})
 
     try:
@@ -170,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             with contextlib.closing(train_loader.epoch_batches(epoch, start_batch)) as batches:
                 for batch_index, batch in enumerate(batches, start=start_batch):
                     replicated, metrics = parallel.train_step(
-                        replicated, parallel.put_batch(_with_device_axis(batch, num_devices)))
+                        replicated, parallel.put_batch(batch))
                     step += 1
                     position = (epoch, batch_index + 1)
                     pending.append(metrics)
@@ -190,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                      train_mae=mae, molecules_per_s=rate, epoch=epoch)
                         window_loss, window_graphs, window_start = 0.0, 0.0, time.perf_counter()
                     if config.eval_every_steps and step % config.eval_every_steps == 0 and "val" in eval_loaders:
-                        results["val_mae"] = evaluate(parallel, replicated.params, eval_loaders["val"], std, num_devices)
+                        results["val_mae"] = evaluate(parallel, replicated.params, eval_loaders["val"], std)
                         writer.write(step, val_mae=results["val_mae"])
                     if step % config.checkpoint_every_steps == 0:
                         save()
@@ -203,13 +202,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             epoch, start_batch = epoch + 1, 0
             position = (epoch, 0)
             if epoch % config.eval_every_epochs == 0 and "val" in eval_loaders:
-                results["val_mae"] = evaluate(parallel, replicated.params, eval_loaders["val"], std, num_devices)
+                results["val_mae"] = evaluate(parallel, replicated.params, eval_loaders["val"], std)
                 writer.write(step, val_mae=results["val_mae"], epoch=epoch)
                 if is_main:
                     tqdm.write(f"epoch {epoch}: validation MAE {results['val_mae']:.5g} {dataset.unit}")
             save()
         if "test" in eval_loaders:
-            results["test_mae"] = evaluate(parallel, replicated.params, eval_loaders["test"], std, num_devices)
+            results["test_mae"] = evaluate(parallel, replicated.params, eval_loaders["test"], std)
             writer.write(step, test_mae=results["test_mae"])
             if is_main:
                 tqdm.write(f"test MAE {results['test_mae']:.5g} {dataset.unit}")
