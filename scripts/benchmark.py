@@ -1,13 +1,14 @@
 """Benchmark the QM9 SE(3)-Transformer: training step and inference throughput, compile time,
-XLA's memory analysis and FLOP count, per fusion level, precision and low-memory setting.
+XLA's memory analysis and FLOP count, for every combination of the options given.
 
-    python scripts/benchmark.py                              # auto level, fp32, batch 100
+    python scripts/benchmark.py                              # auto plan, fp32, batch 100
     python scripts/benchmark.py --fuse-level none partial_out full --low-memory both
-    python scripts/benchmark.py --precision fp32 bf16 --batch-size 240 --json out.json
+    python scripts/benchmark.py --precision fp32 bf16 --batch-size 240 --edge-chunk 0 512 1024
+    python scripts/benchmark.py --loader                     # the QM9 input pipeline alone
 
-Batches are synthetic QM9-like molecules (about 18 atoms and 38 directed bond edges each),
-padded to the budget the QM9 loader uses for the batch size. Throughput is the median over
-timed steps after warm-up; compile time is reported separately.
+Batches are synthetic QM9-sized molecules (se3jax.benchmarking); throughput is the median over
+timed steps after warm-up; compile time is reported separately. ``--loader`` measures padded
+batches per second from the cached QM9 dataset in this one process (no device work).
 """
 
 from __future__ import annotations
@@ -15,137 +16,95 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from se3jax.basis import edge_geometry
-from se3jax.graphs import HARMONICS, padding_masks
-from se3jax.layers import FuseLevel
-from se3jax.model import SE3TransformerPooled
-from se3jax.testing import synthetic_batch
-from se3jax.training import create_train_state, make_train_step
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from se3jax.benchmarking import TABLE_HEADER, Setting, format_row, measure  # noqa: E402
+from se3jax.execution import REMAT_CHOICES, Execution, FuseLevel  # noqa: E402
+from se3jax.precision import TRAINING_POLICIES  # noqa: E402
 
 
-def flop_count(lowered) -> float:
-    """XLA's FLOP estimate of a lowered (not yet compiled) computation."""
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+def loader_throughput(batch_size: int, seconds: float = 5.0, cache_dir: str = "",
+                      max_molecules: int | None = None) -> dict:
+    """Padded training batches per second from the cached QM9 dataset (one host process)."""
+    from se3jax.data.loader import BatchLoader, budget_for
+    from se3jax.data.qm9 import DEFAULT_CACHE_DIR, load_qm9
 
-
-def memory_stats(compiled) -> dict:
-    """XLA's memory analysis of a compiled computation: argument + output + temp bytes, less
-    the outputs that reuse donated argument buffers (the train state is updated in place)."""
-    mem = compiled.memory_analysis()
-    out = {}
-    if mem is not None:
-        out.update(argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
-                   alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes)
-        out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
-                              + out["temp_bytes"])
-    return out
-
-
-def time_steps(run, warmup: int, steps: int) -> list[float]:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def benchmark_one(fuse_level: str, precision: str, low_memory: bool, batch_size: int,
-                  steps: int, warmup: int, mode: str, num_layers: int, edges: str = "paired",
-                  precompute_bases: bool = False) -> dict:
-    rng = np.random.default_rng(0)
-    batch = synthetic_batch(rng, batch_size)
-    if precompute_bases:  # as the loader does with config.precompute_bases
-        harmonics, _ = edge_geometry(batch.nodes["positions"], batch.senders, batch.receivers, 6)
-        batch = batch._replace(edges={**batch.edges, HARMONICS: np.asarray(harmonics)})
-    batch = jax.device_put(batch)
-    num_molecules = int(np.sum(np.asarray(padding_masks(batch)[2])))
-    model = SE3TransformerPooled(num_layers=num_layers, fuse_level=fuse_level,
-                                 precision=precision, low_memory=low_memory,
-                                 paired_edges=edges == "paired")
-    result = {"fuse_level": fuse_level, "precision": precision, "low_memory": low_memory, "edges": edges,
-              "precompute_bases": precompute_bases,
-              "batch_size": batch_size, "molecules": num_molecules, "mode": mode,
-              "num_nodes": int(batch.nodes["positions"].shape[0]), "num_edges": int(batch.senders.shape[0])}
-    optimizer = optax.adamw(2e-3, weight_decay=0.1)
-    state = create_train_state(model, optimizer, batch, jax.random.PRNGKey(0),
-                               loss_scaling=precision == "fp16")
-    def jitted(m):
-        if mode == "train":
-            return jax.jit(make_train_step(m, optimizer), donate_argnums=0)
-        return jax.jit(m.apply)
-
-    args = (state, batch) if mode == "train" else (state.params, batch)
     start = time.perf_counter()
-    compiled = jitted(model).lower(*args).compile()
-    result["compile_s"] = time.perf_counter() - start
-    result.update(memory_stats(compiled))
-    # XLA counts a loop body once, so count FLOPs on the same step with edges unchunked.
-    result["flops"] = flop_count(jitted(model.clone(edge_chunk=1 << 30)).lower(*args))
-
-    holder = {"state": state}
-
-    def run():
-        if mode == "train":
-            holder["state"], metrics = compiled(holder["state"], batch)
-            jax.block_until_ready(metrics)
-        else:
-            jax.block_until_ready(compiled(state.params, batch))
-
-    times = time_steps(run, warmup, steps)
-    median = statistics.median(times)
-    result.update(step_s=median, molecules_per_s=num_molecules / median,
-                  gflops_per_s=result["flops"] / median / 1e9)
-    return result
+    dataset = load_qm9(cache_dir or DEFAULT_CACHE_DIR, "homo", max_molecules)
+    load_s = time.perf_counter() - start
+    train = dataset.splits["train"]
+    loader = BatchLoader(dataset, train, batch_size, budget_for(dataset, train, batch_size))
+    batches = molecules = 0
+    start = time.perf_counter()
+    for epoch in itertools.count():
+        for batch in loader.epoch_batches(epoch):
+            batches += 1
+            molecules += int(np.count_nonzero(batch.n_node)) - 1  # less the padding graph
+            if time.perf_counter() - start > seconds:
+                break
+        if time.perf_counter() - start > seconds:
+            break
+    elapsed = time.perf_counter() - start
+    return {"batch_size": batch_size, "dataset_load_s": load_s, "batches_per_s": batches / elapsed,
+            "molecules_per_s": molecules / elapsed}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fuse-level", nargs="+", default=["auto"], choices=[l.value for l in FuseLevel])
-    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=TRAINING_POLICIES)
+    parser.add_argument("--edge-chunk", nargs="+", type=int, default=[0],
+                        help="edges per chunk; 0 = the execution plan's choice")
+    parser.add_argument("--radial-memory-mb", nargs="+", type=int, default=[Execution().radial_memory_mb])
     parser.add_argument("--low-memory", default="off", choices=["off", "on", "both"])
+    parser.add_argument("--remat", nargs="+", default=["auto"], choices=REMAT_CHOICES,
+                        help="recompute the per-edge radial weights in the backward pass")
     parser.add_argument("--edges", nargs="+", default=["paired"], choices=["paired", "unpaired"],
                         help="paired: radial weights once per bond (the QM9 pipeline's layout)")
     parser.add_argument("--precompute-bases", action="store_true",
                         help="feed precomputed edge harmonics (config.precompute_bases)")
     parser.add_argument("--mode", nargs="+", default=["train", "infer"], choices=["train", "infer"])
-    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--batch-size", nargs="+", type=int, default=[100])
     parser.add_argument("--num-layers", type=int, default=7, help="attention layers (QM9 model: 7)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rotations", type=int, default=0,
+                        help="also measure the invariance error over this many random rotations")
+    parser.add_argument("--loader", action="store_true", help="measure the QM9 input pipeline instead")
+    parser.add_argument("--cache-dir", default="", help="with --loader: the processed QM9 cache folder")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
-    low_memory = {"off": [False], "on": [True], "both": [False, True]}[args.low_memory]
-    print(f"backend={jax.default_backend()} devices={jax.devices()} jax={jax.__version__}", flush=True)
-    header = (f"{'mode':5} {'level':11} {'prec':4} {'lowmem':6} {'edges':8} {'mol/s':>7} {'step s':>7} "
-              f"{'compile s':>9} {'XLA mem GB':>10} {'GFLOP':>7} {'GFLOP/s':>7}")
-    print(header, flush=True)
-    results = []
-    for mode, level, precision, low, edges in itertools.product(
-            args.mode, args.fuse_level, args.precision, low_memory, args.edges):
-        r = benchmark_one(level, precision, low, args.batch_size, args.steps, args.warmup, mode,
-                          args.num_layers, edges, args.precompute_bases)
-        results.append(r)
-        print(f"{mode:5} {level:11} {precision:4} {str(low):6} {edges:8} {r['molecules_per_s']:7.1f} {r['step_s']:7.3f} "
-              f"{r['compile_s']:9.1f} {r.get('total_bytes', float('nan')) / 1e9:10.2f} "
-              f"{r['flops'] / 1e9:7.0f} {r['gflops_per_s']:7.1f}", flush=True)
+    if args.loader:
+        results = [loader_throughput(b, cache_dir=args.cache_dir) for b in args.batch_size]
+        for r in results:
+            print(f"loader, batch {r['batch_size']}: {r['batches_per_s']:,.1f} batches/s, "
+                  f"{r['molecules_per_s']:,.0f} molecules/s (dataset loaded in {r['dataset_load_s']:.2f} s)")
+    else:
+        on_off = {"off": [False], "on": [True], "both": [False, True]}
+        print(f"backend={jax.default_backend()} devices={jax.devices()} jax={jax.__version__}", flush=True)
+        print(TABLE_HEADER, flush=True)
+        results = []
+        for mode, batch, level, precision, chunk, cap, low, remat, edges in itertools.product(
+                args.mode, args.batch_size, args.fuse_level, args.precision, args.edge_chunk,
+                args.radial_memory_mb, on_off[args.low_memory], args.remat, args.edges):
+            execution = Execution(fuse_level=level, precision=precision, edge_chunk=chunk,
+                                  radial_memory_mb=cap, low_memory=low, remat=remat,
+                                  paired_edges=edges == "paired")
+            setting = Setting(mode=mode, batch_size=batch, num_layers=args.num_layers,
+                              execution=execution, precompute_bases=args.precompute_bases)
+            r = measure(setting, args.steps, args.warmup, args.rotations)
+            results.append(r)
+            print(format_row(r), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from se3jax.inference import load_predictor, predict_files  # noqa: E402
+from se3jax.precision import TRAINING_POLICIES  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("workdir", type=Path)
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--batch-size", type=int, default=100, help="molecules per padded batch")
-    parser.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+    parser.add_argument("--precision", default=None, choices=TRAINING_POLICIES,
                         help="compute precision (default: the training run's)")
     parser.add_argument("--csv", type=Path, help="write the predictions as CSV")
     parser.add_argument("--json", type=Path, help="write the predictions (and errors) as JSON")

@@ -1,7 +1,9 @@
 """se3jax: a fast, lean SE(3)-Transformer in JAX/Flax."""
 
-from se3jax.fiber import Fiber
-from se3jax.layers import AttentionBlockSE3, ConvSE3, FuseLevel, LinearSE3, NormSE3
+from se3jax.edges import EdgeInputs, edge_inputs
+from se3jax.execution import Execution, FuseLevel
+from se3jax.fiber import Features, Fiber
+from se3jax.layers import AttentionBlockSE3, ConvSE3, LinearSE3, NormSE3
 from se3jax.model import SE3Transformer, SE3TransformerPooled
 from se3jax.precision import get_policy
 

@@ -81,8 +81,11 @@ def stacked_harmonics(unit_vectors: jax.Array, max_order: int) -> jax.Array:
     'component' normalisation: |Y_J|^2 = 2J + 1 on the unit sphere.
     """
     irreps = e3nn.Irreps([(1, (order, (-1) ** order)) for order in range(max_order + 1)])
-    return e3nn.spherical_harmonics(irreps, unit_vectors, normalize=False,
-                                    normalization="component").array
+    # The sparse recursion writes its Clebsch-Gordan products as explicit sums, not matrix
+    # products: the harmonics are float32-exact whatever matmul precision a backend (or a
+    # user's global flag) defaults to.
+    return e3nn.spherical_harmonics(irreps, unit_vectors, normalize=False, normalization="component",
+                                    algorithm=("recursive", "sparse", "custom_jvp")).array
 
 
 def edge_geometry(positions: jax.Array, senders: jax.Array, receivers: jax.Array,

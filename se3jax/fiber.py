@@ -13,7 +13,10 @@ Fiber({0: 6, 1: 4})
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Mapping
+from typing import Any, Dict, Iterator, Mapping
+
+# Per-degree node (or edge) features: degree d -> array [N, C_d, 2d + 1].
+Features = Dict[int, Any]
 
 
 def degree_dim(degree: int) -> int:

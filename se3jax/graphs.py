@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import jraph
 import numpy as np
 
+# dict keys of graphs.nodes / graphs.edges / graphs.globals
 POSITIONS = "positions"
 FEATURES = "features"
 HARMONICS = "harmonics"
+TARGET = "target"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +112,16 @@ def pad_to_budget(graphs: jraph.GraphsTuple | Sequence[jraph.GraphsTuple],
                         padded)
 
 
-def padding_masks(graphs: jraph.GraphsTuple):
-    """Boolean masks (nodes [N], edges [E], graphs [G]): True for real entries. jit-safe.
+class PaddingMasks(NamedTuple):
+    """True for real entries, False for padding."""
+
+    nodes: jax.Array   # [N] bool
+    edges: jax.Array   # [E] bool
+    graphs: jax.Array  # [G] bool
+
+
+def padding_masks(graphs: jraph.GraphsTuple) -> PaddingMasks:
+    """Boolean masks of real nodes, edges and graphs. jit-safe.
 
     jraph's convention: the first padding graph holds every padding node and edge (and at
     least one node); any further padding graphs are empty and trail it.
@@ -124,7 +134,7 @@ def padding_masks(graphs: jraph.GraphsTuple):
     real_edges = jnp.sum(jnp.where(graph_mask, n_edge, 0))
     node_mask = jnp.arange(graphs.nodes[POSITIONS].shape[0]) < real_nodes
     edge_mask = jnp.arange(graphs.senders.shape[0]) < real_edges
-    return node_mask, edge_mask, graph_mask
+    return PaddingMasks(node_mask, edge_mask, graph_mask)
 
 
 def node_graph_index(graphs: jraph.GraphsTuple) -> jax.Array:
@@ -151,12 +161,14 @@ def _is_concrete(x) -> bool:
 
 
 def validate_graphs(graphs, node_features_dim: int, edge_features_dim: int,
-                    paired_edges: bool = False) -> None:
+                    paired_edges: bool = True) -> None:
     """Check a model input and raise a ``ValueError`` that names the problem.
 
     Shape and dtype checks always run (shapes are static under ``jit``); value checks
-    (non-finite positions, out-of-range edge indices, node counts) run when the arrays are
-    concrete, i.e. when called outside ``jit`` -- the inference API calls it on the host.
+    (:func:`check_values`: non-finite positions, out-of-range edge indices, node counts, edge
+    pairing) run when the arrays are concrete, i.e. outside ``jit``. Under ``jit`` they cannot:
+    the loader and the predictor check every batch on the host instead, and a paired model
+    traced with unpaired edges outputs NaN rather than wrong numbers.
     """
     if not isinstance(graphs, jraph.GraphsTuple):
         raise ValueError(f"expected a jraph.GraphsTuple, got {type(graphs).__name__}")
@@ -192,22 +204,37 @@ def validate_graphs(graphs, node_features_dim: int, edge_features_dim: int,
         raise ValueError("empty graph batch: no nodes or no graphs")
 
     leaves = (pos, feat, efeat, graphs.senders, graphs.receivers, graphs.n_node, graphs.n_edge)
-    if not all(_is_concrete(x) for x in leaves):
-        return
-    pos_np = np.asarray(pos)
-    bad = ~np.isfinite(pos_np).all(axis=1)
+    if all(_is_concrete(x) for x in leaves):
+        check_values(graphs, paired_edges)
+
+
+def check_values(graphs: jraph.GraphsTuple, paired_edges: bool = True) -> None:
+    """The value checks of :func:`validate_graphs`, in numpy on the host: finite positions and
+    features, consistent counts, edge indices in range, and (if asked) paired edges. Under
+    ``jit`` values cannot be checked, so the host paths (the batch loader, the predictor) call
+    this before a batch reaches a compiled step."""
+    pos = np.asarray(graphs.nodes[POSITIONS])
+    n, e = pos.shape[0], np.shape(graphs.senders)[0]
+    bad = ~np.isfinite(pos).all(axis=1)
     if bad.any():
         raise ValueError(f"positions of node(s) {np.flatnonzero(bad)[:10].tolist()} are NaN or infinite")
-    if not np.isfinite(np.asarray(feat)).all() or not np.isfinite(np.asarray(efeat)).all():
+    if not (np.isfinite(np.asarray(graphs.nodes[FEATURES])).all()
+            and np.isfinite(np.asarray(graphs.edges[FEATURES])).all()):
         raise ValueError("node or edge features contain NaN or infinite values")
     if int(np.sum(graphs.n_node)) != n or int(np.sum(graphs.n_edge)) != e:
         raise ValueError(f"n_node sums to {int(np.sum(graphs.n_node))} and n_edge to "
                          f"{int(np.sum(graphs.n_edge))}, but there are {n} nodes and {e} edges")
-    for name, idx in (("senders", graphs.senders), ("receivers", graphs.receivers)):
-        idx = np.asarray(idx)
+    senders, receivers = np.asarray(graphs.senders), np.asarray(graphs.receivers)
+    for name, idx in (("senders", senders), ("receivers", receivers)):
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise ValueError(f"{name} index out of range [0, {n}): min {idx.min()}, max {idx.max()}")
-    if paired_edges and not bool(edges_are_paired(graphs)):
-        raise ValueError("the model expects paired edges (edges 2k and 2k+1 are the two directions "
-                         "of one bond, with equal features), but these graphs are not paired; build "
-                         "them with se3jax.data.molecule_to_graph or use paired_edges=False")
+    if paired_edges:
+        features = np.asarray(graphs.edges[FEATURES])
+        paired = (e % 2 == 0 and np.array_equal(senders[0::2], receivers[1::2])
+                  and np.array_equal(receivers[0::2], senders[1::2])
+                  and np.array_equal(features[0::2], features[1::2]))
+        if not paired:
+            raise ValueError("the model expects paired edges (edges 2k and 2k+1 are the two directions "
+                             "of one bond, with equal features), but these graphs are not paired; build "
+                             "them with se3jax.data.molecule_to_graph or run the model with "
+                             "Execution(paired_edges=False)")

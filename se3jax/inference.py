@@ -33,7 +33,7 @@ from se3jax.graphs import (FEATURES, POSITIONS, PaddingBudget, molecule_graph, p
 from se3jax.model import SE3TransformerPooled
 from se3jax.training.checkpoints import CheckpointError, Checkpointer
 from se3jax.training.config import model_kwargs
-from se3jax.training.train import CONFIG_FILE, NORMALISATION_FILE
+from se3jax.training.workdir import CHECKPOINT_DIR, CONFIG_FILE, NORMALISATION_FILE
 
 # QM9's molecule sizes (mean/max atoms and directed bond edges): the default padding budget.
 QM9_SIZES = dict(mean_nodes=18.03, mean_edges=37.31, max_nodes=29, max_edges=56)
@@ -60,7 +60,7 @@ class Predictor:
     def predict(self, params, graphs: jraph.GraphsTuple) -> jax.Array:
         """Predictions ``[G]`` in the target's unit for padded ``graphs`` (padding graphs: 0).
         Pure and traceable: safe under jit, vmap and grad."""
-        graph_mask = padding_masks(graphs)[2]
+        graph_mask = padding_masks(graphs).graphs
         out = self.model.apply(params, graphs) * self.std + self.mean
         return jnp.where(graph_mask, out, 0.0)
 
@@ -82,7 +82,7 @@ class Predictor:
         for idx in batches:
             padded = pad_to_budget([graphs[i] for i in idx], budget)
             validate_graphs(padded, self.model.node_features_dim, self.model.edge_features_dim,
-                            self.model.paired_edges)
+                            self.model.execution.paired_edges)
             out[idx] = np.asarray(self.jitted(self.params, padded))[:len(idx)]
             if progress is not None:
                 progress(len(idx))
@@ -101,8 +101,8 @@ def molecules_to_graphs(molecules: Sequence, budget: PaddingBudget) -> jraph.Gra
 def load_predictor(workdir: str | Path, precision: str | None = None, fuse_level: str | None = None,
                    batch_size: int = 100, step: int | None = None) -> Predictor:
     """Load the newest (or ``step``) checkpoint of a training workdir, its saved config and the
-    target normalisation. ``precision`` (fp32 | bf16 | fp16) and ``fuse_level`` change only how
-    the model executes, never its parameters."""
+    target normalisation. ``precision`` (fp32 | tf32 | bf16 | fp16) and ``fuse_level`` change
+    only how the model executes, never its parameters; the model runs the inference plan."""
     workdir = Path(workdir)
     for name in (CONFIG_FILE, NORMALISATION_FILE):
         if not (workdir / name).exists():
@@ -116,17 +116,17 @@ def load_predictor(workdir: str | Path, precision: str | None = None, fuse_level
         if fuse_level is not None:
             config.fuse_level = fuse_level
         config.low_memory = False
-    model = SE3TransformerPooled(**model_kwargs(config))
+    model = SE3TransformerPooled(**model_kwargs(config, mode="infer"))
     budget = budget_for_batch(batch_size)
     example = _example_graphs(budget)
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), example)
-    checkpointer = Checkpointer(workdir / "checkpoints")
+    checkpointer = Checkpointer(workdir / CHECKPOINT_DIR)
     try:
         restored = checkpointer.restore(step=step)
     finally:
         checkpointer.close()
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+        raise FileNotFoundError(f"no checkpoint in {workdir / CHECKPOINT_DIR}")
     params = jax.tree.map(jnp.asarray, restored[0]["params"])
     expected = jax.tree.map(lambda x: (x.shape, x.dtype), abstract)
     found = jax.tree.map(lambda x: (x.shape, x.dtype), params)

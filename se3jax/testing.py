@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from se3jax.graphs import PaddingBudget, molecule_graph, pad_to_budget
+from se3jax.graphs import TARGET, PaddingBudget, molecule_graph, pad_to_budget
 
 
 def random_rotations(rng: np.random.Generator, num: int) -> np.ndarray:
@@ -107,7 +107,7 @@ def synthetic_molecule(rng: np.random.Generator, num_atoms: int, num_rings: int 
     element = rng.integers(0, 5, num_atoms)
     atomic_number = np.array([1, 6, 7, 8, 9])[element]
     node_features = np.concatenate([np.eye(5)[element], atomic_number[:, None]], axis=1)
-    globals_ = None if target is None else {"target": np.float32(target)}
+    globals_ = None if target is None else {TARGET: np.float32(target)}
     return molecule_graph(pos, node_features, senders, receivers, edge_features, globals_)
 
 

@@ -6,29 +6,29 @@ import numpy as np
 import pytest
 
 from se3jax.basis import edge_geometry, safe_directions, stacked_harmonics
-from se3jax.layers.convolution import all_paths, pair_basis_matrix, pair_bases
+from se3jax.layers.convolution import all_paths, path_bases, path_bases_matrix
 from se3jax.testing import wigner_d
 
 MAX_DEGREE = 3
 
 
 def _path_blocks(bases, max_degree):
-    _, offsets = pair_basis_matrix(max_degree)
+    _, offsets = path_bases_matrix(max_degree)
     for (a, b) in all_paths(max_degree):
         f = 2 * min(a, b) + 1
         size = (2 * a + 1) * f * (2 * b + 1)
         yield a, b, bases[:, offsets[(a, b)]:offsets[(a, b)] + size].reshape(-1, 2 * a + 1, f, 2 * b + 1)
 
 
-def test_pair_bases_rotate_with_wigner_d(x64, rotations):
+def test_path_bases_rotate_with_wigner_d(x64, rotations):
     rng = np.random.default_rng(1)
     vectors = jnp.asarray(rng.normal(size=(7, 3)))
     unit, _, _ = safe_directions(vectors)
-    bases = pair_bases(stacked_harmonics(unit, 2 * MAX_DEGREE), MAX_DEGREE)
+    bases = path_bases(stacked_harmonics(unit, 2 * MAX_DEGREE), MAX_DEGREE)
     assert bases.dtype == jnp.float64 and bases.shape == (7, 1092)
     for rot in rotations:
         rot = jnp.asarray(rot)
-        rotated = pair_bases(stacked_harmonics(unit @ rot.T, 2 * MAX_DEGREE), MAX_DEGREE)
+        rotated = path_bases(stacked_harmonics(unit @ rot.T, 2 * MAX_DEGREE), MAX_DEGREE)
         for (a, b, k), (_, _, k_rot) in zip(_path_blocks(bases, MAX_DEGREE), _path_blocks(rotated, MAX_DEGREE)):
             expected = jnp.einsum("lm,emfn,kn->elfk", wigner_d(a, rot), k, wigner_d(b, rot))
             np.testing.assert_allclose(k_rot, expected, rtol=0, atol=1e-12 * float(jnp.abs(k).max()))
@@ -37,7 +37,7 @@ def test_pair_bases_rotate_with_wigner_d(x64, rotations):
 def test_basis_blocks_are_nonzero_and_independent():
     """Every frequency of every path is a distinct, non-zero function of the direction."""
     unit, _, _ = safe_directions(jnp.asarray(np.random.default_rng(2).normal(size=(64, 3))))
-    bases = pair_bases(stacked_harmonics(unit, 2 * MAX_DEGREE), MAX_DEGREE)
+    bases = path_bases(stacked_harmonics(unit, 2 * MAX_DEGREE), MAX_DEGREE)
     for a, b, k in _path_blocks(bases, MAX_DEGREE):
         flat = np.asarray(k).transpose(2, 0, 1, 3).reshape(k.shape[2], -1)
         assert np.linalg.matrix_rank(flat, tol=1e-4) == k.shape[2], (a, b)
@@ -49,7 +49,7 @@ def test_zero_length_edges_give_finite_values_and_gradients(debug_nans):
 
     def total(pos):
         harmonics, lengths = edge_geometry(pos, senders, receivers, 2 * MAX_DEGREE)
-        return jnp.sum(pair_bases(harmonics, MAX_DEGREE)) + jnp.sum(lengths)
+        return jnp.sum(path_bases(harmonics, MAX_DEGREE)) + jnp.sum(lengths)
 
     value, grad = jax.value_and_grad(total)(positions)
     assert np.isfinite(value) and np.all(np.isfinite(grad))

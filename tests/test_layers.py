@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from se3jax.basis import edge_geometry
+from se3jax.edges import edge_inputs
+from se3jax.execution import Execution, FuseLevel, allowed_levels
 from se3jax.fiber import Fiber
 from se3jax.graphs import FEATURES, POSITIONS, padding_masks
-from se3jax.layers import AttentionBlockSE3, ConvSE3, FuseLevel, LinearSE3, NormSE3, allowed_levels
+from se3jax.layers import AttentionBlockSE3, ConvSE3, LinearSE3, NormSE3
 from se3jax.testing import assert_equivariant, relative_error
 
 MAX_DEGREE = 3
@@ -29,45 +30,44 @@ def random_features(fiber: Fiber, num_nodes: int, dtype, seed: int = 0) -> dict:
     return {d: jnp.asarray(rng.normal(size=(num_nodes, c, 2 * d + 1)), dtype) for d, c in fiber}
 
 
-def graph_layer_fn(module, params, graphs, precision_dtype):
-    """(positions, features) -> module outputs, recomputing edge geometry from positions."""
-    _, edge_mask, _ = padding_masks(graphs)
+def graph_edges(graphs, positions):
+    """The layers' edge inputs, recomputed from ``positions`` (so they carry the rotation)."""
+    return edge_inputs(positions, graphs.senders, graphs.receivers, MAX_DEGREE,
+                       graphs.edges[FEATURES].astype(positions.dtype), padding_masks(graphs).edges)
 
-    @jax.jit
-    def fn(positions, features):
-        harmonics, lengths = edge_geometry(positions, graphs.senders, graphs.receivers, 2 * MAX_DEGREE)
-        scalars = jnp.concatenate([graphs.edges[FEATURES].astype(precision_dtype), lengths[:, None]], -1)
-        return module.apply(params, features, scalars, harmonics, graphs.senders, graphs.receivers, edge_mask)
-    return fn
+
+def graph_layer_fn(module, params, graphs):
+    """(positions, features) -> module outputs, recomputing edge inputs from positions."""
+    return jax.jit(lambda positions, features: module.apply(params, features, graph_edges(graphs, positions)))
 
 
 def init_graph_layer(module, graphs, fiber_in, dtype):
     positions = jnp.asarray(graphs.nodes[POSITIONS], dtype)
     features = random_features(fiber_in, positions.shape[0], dtype)
-    _, edge_mask, _ = padding_masks(graphs)
-    harmonics, lengths = edge_geometry(positions, graphs.senders, graphs.receivers, 2 * MAX_DEGREE)
-    scalars = jnp.concatenate([graphs.edges[FEATURES].astype(dtype), lengths[:, None]], -1)
-    params = module.init(jax.random.PRNGKey(0), features, scalars, harmonics,
-                         graphs.senders, graphs.receivers, edge_mask)
+    params = module.init(jax.random.PRNGKey(0), features, graph_edges(graphs, positions))
     return params, positions, features
 
 
+def run(level, precision, **options):
+    return Execution(fuse_level=level, precision=precision, paired_edges=False).replace(**options)
+
+
 GRAPH_LAYERS = {
-    "conv_uniform": lambda level, p: ConvSE3(UNIFORM, UNIFORM, MAX_DEGREE, level, precision=p),
+    "conv_uniform": lambda level, p: ConvSE3(UNIFORM, UNIFORM, execution=run(level, p)),
     "conv_ragged_self_interaction": lambda level, p: ConvSE3(
-        RAGGED_IN, RAGGED_OUT, MAX_DEGREE, level, self_interaction=True, precision=p),
-    "conv_chunked": lambda level, p: ConvSE3(UNIFORM, UNIFORM, MAX_DEGREE, level, precision=p,
-                                             edge_chunk=40),
-    "conv_paired_chunked": lambda level, p: ConvSE3(UNIFORM, UNIFORM, MAX_DEGREE, level, precision=p,
-                                                    edge_chunk=40, paired_edges=True),
-    "attention": lambda level, p: AttentionBlockSE3(UNIFORM, Fiber.create(4, 8), MAX_DEGREE,
-                                                    num_heads=2, fuse_level=level, precision=p),
+        RAGGED_IN, RAGGED_OUT, self_interaction=True, execution=run(level, p)),
+    "conv_chunked": lambda level, p: ConvSE3(UNIFORM, UNIFORM, execution=run(level, p, edge_chunk=40)),
+    "conv_paired_chunked": lambda level, p: ConvSE3(
+        UNIFORM, UNIFORM, execution=run(level, p, edge_chunk=40, paired_edges=True)),
+    "conv_no_remat": lambda level, p: ConvSE3(UNIFORM, UNIFORM, execution=run(level, p, remat="off")),
+    "attention": lambda level, p: AttentionBlockSE3(UNIFORM, Fiber.create(4, 8), num_heads=2,
+                                                    execution=run(level, p)),
     "attention_first_layer": lambda level, p: AttentionBlockSE3(
-        Fiber({0: 6}), Fiber.create(4, 8), MAX_DEGREE, num_heads=2, fuse_level=level, precision=p),
+        Fiber({0: 6}), Fiber.create(4, 8), num_heads=2, execution=run(level, p)),
 }
 FIBER_IN = {"conv_uniform": UNIFORM, "conv_ragged_self_interaction": RAGGED_IN,
-            "conv_chunked": UNIFORM, "conv_paired_chunked": UNIFORM, "attention": UNIFORM,
-            "attention_first_layer": Fiber({0: 6})}
+            "conv_chunked": UNIFORM, "conv_paired_chunked": UNIFORM, "conv_no_remat": UNIFORM,
+            "attention": UNIFORM, "attention_first_layer": Fiber({0: 6})}
 
 
 @pytest.mark.parametrize("layer", sorted(GRAPH_LAYERS))
@@ -75,7 +75,7 @@ FIBER_IN = {"conv_uniform": UNIFORM, "conv_ragged_self_interaction": RAGGED_IN,
 def test_graph_layers_equivariant_float64(layer, level, small_batch, rotations, x64):
     module = GRAPH_LAYERS[layer](level, "fp64")
     params, positions, features = init_graph_layer(module, small_batch, FIBER_IN[layer], jnp.float64)
-    fn = graph_layer_fn(module, params, small_batch, jnp.float64)
+    fn = graph_layer_fn(module, params, small_batch)
     assert_equivariant(fn, positions, features, rotations, rtol=1e-9,
                        translation=jnp.array([0.3, -2.0, 1.5]))
 
@@ -84,7 +84,7 @@ def test_graph_layers_equivariant_float64(layer, level, small_batch, rotations, 
 def test_graph_layers_equivariant_float32(layer, small_batch, rotations):
     module = GRAPH_LAYERS[layer](FuseLevel.AUTO, "fp32")
     params, positions, features = init_graph_layer(module, small_batch, FIBER_IN[layer], jnp.float32)
-    fn = graph_layer_fn(module, params, small_batch, jnp.float32)
+    fn = graph_layer_fn(module, params, small_batch)
     assert_equivariant(fn, positions, features, rotations, rtol=1e-5)
 
 
@@ -100,7 +100,7 @@ def test_node_layers_equivariant_float64(module, fiber, rotations, x64):
 
 
 @pytest.mark.parametrize("layer", ["conv_uniform", "conv_ragged_self_interaction", "attention",
-                                   "conv_paired_chunked"])
+                                   "conv_paired_chunked", "conv_no_remat"])
 def test_fusion_levels_agree_values_and_gradients(layer, small_batch):
     """Same parameters at every level (one canonical kernel) -> same outputs and gradients."""
     reference = GRAPH_LAYERS[layer](FuseLevel.NONE, "fp32")
@@ -108,14 +108,9 @@ def test_fusion_levels_agree_values_and_gradients(layer, small_batch):
 
     def outputs_and_grads(level):
         module = GRAPH_LAYERS[layer](level, "fp32")
-        _, edge_mask, _ = padding_masks(small_batch)
 
         def loss(params, positions, features):
-            harmonics, lengths = edge_geometry(positions, small_batch.senders, small_batch.receivers,
-                                               2 * MAX_DEGREE)
-            scalars = jnp.concatenate([small_batch.edges[FEATURES], lengths[:, None]], -1)
-            out = module.apply(params, features, scalars, harmonics,
-                               small_batch.senders, small_batch.receivers, edge_mask)
+            out = module.apply(params, features, graph_edges(small_batch, positions))
             return sum(jnp.sum(jnp.sin(v)) for v in out.values()), out
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, positions, features)
 
@@ -139,7 +134,7 @@ def test_allowed_levels_follow_the_fibers():
 def test_conv_rejects_features_of_the_wrong_fiber(small_batch):
     module = GRAPH_LAYERS["conv_uniform"](FuseLevel.NONE, "fp32")
     params, positions, features = init_graph_layer(module, small_batch, UNIFORM, jnp.float32)
-    fn = graph_layer_fn(module, params, small_batch, jnp.float32)
+    fn = graph_layer_fn(module, params, small_batch)
     bad = dict(features)
     bad[2] = bad[2][:, :3]
     with pytest.raises(ValueError, match=r"input\[2\] has shape"):

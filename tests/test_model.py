@@ -14,17 +14,19 @@ import numpy as np
 import pytest
 
 from se3jax.basis import edge_geometry
+from se3jax.edges import edge_inputs
+from se3jax.execution import Execution
 from se3jax.fiber import Fiber
 from se3jax.graphs import FEATURES, POSITIONS, PaddingBudget, pad_to_budget, padding_masks
-from se3jax.layers import FuseLevel
 from se3jax.model import SE3Transformer, SE3TransformerPooled
 from se3jax.testing import assert_equivariant, relative_error, synthetic_molecule
 
 SMALL = dict(num_layers=2, num_channels=8, num_heads=2)
 
 
-def small_model(**overrides):
-    return SE3TransformerPooled(**{**SMALL, **overrides})
+def small_model(**execution):
+    """The reduced model with execution options (se3jax.execution.Execution fields)."""
+    return SE3TransformerPooled(**SMALL, execution=Execution(**execution))
 
 
 def with_positions(graphs, positions):
@@ -50,22 +52,18 @@ def test_qm9_model_has_reference_size(small_batch):
 def test_trunk_equivariant_float64_all_degrees(small_batch, rotations, x64):
     """Trunk with outputs of degrees 0..2: invariant scalars, D(R)-rotating vectors/tensors."""
     trunk = SE3Transformer(Fiber({0: 6}), Fiber.create(4, 8), Fiber({0: 3, 1: 2, 2: 2}),
-                           num_layers=2, num_heads=2, precision="fp64")
+                           num_layers=2, num_heads=2, execution=Execution(precision="fp64"))
     graphs = cast_floats(small_batch, jnp.float64)
-    _, edge_mask, _ = padding_masks(graphs)
+    edge_mask = padding_masks(graphs).edges
 
     def fn(positions, features):
-        harmonics, lengths = edge_geometry(positions, graphs.senders, graphs.receivers, 6)
-        scalars = jnp.concatenate([graphs.edges[FEATURES], lengths[:, None]], -1)
-        return trunk.apply(params, features, scalars, harmonics, graphs.senders,
-                           graphs.receivers, edge_mask)
+        edges = edge_inputs(positions, graphs.senders, graphs.receivers, 3, graphs.edges[FEATURES], edge_mask)
+        return trunk.apply(params, features, edges)
 
     features = {0: graphs.nodes[FEATURES][:, :, None]}
     positions = graphs.nodes[POSITIONS]
-    harmonics, lengths = edge_geometry(positions, graphs.senders, graphs.receivers, 6)
     params = trunk.init(jax.random.PRNGKey(1), features,
-                        jnp.concatenate([graphs.edges[FEATURES], lengths[:, None]], -1),
-                        harmonics, graphs.senders, graphs.receivers, edge_mask)
+                        edge_inputs(positions, graphs.senders, graphs.receivers, 3, graphs.edges[FEATURES], edge_mask))
     assert_equivariant(jax.jit(fn), positions, features, rotations, rtol=1e-9,
                        translation=jnp.array([5.0, -1.0, 2.0]))
 
@@ -120,34 +118,38 @@ def test_permutation_and_padding_invariance(model_and_params):
     assert float(jnp.std(out_a)) > 0  # molecules are distinguished
 
 
-@pytest.mark.parametrize("level", [FuseLevel.NONE, FuseLevel.PARTIAL_IN, FuseLevel.FULL],
-                         ids=lambda l: l.value)
-def test_fusion_levels_and_low_memory_match_default(level, small_batch, model_and_params):
-    """Execution choices share parameters and give the same values and gradients."""
+def _value_and_grad(model, params, graphs):
+    loss = lambda p, pos: jnp.sum(model.apply(p, with_positions(graphs, pos)) ** 2)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, graphs.nodes[POSITIONS])
+
+
+_REFERENCE = {}
+
+
+@pytest.mark.parametrize("execution", [
+    dict(fuse_level="none"), dict(fuse_level="partial_in"), dict(fuse_level="full"),
+    dict(fuse_level="full", low_memory=True), dict(fuse_level="none", remat="off", edge_chunk=64),
+    dict(fuse_level="partial_out", remat="on", edge_chunk=32), dict(precision="tf32", mode="infer"),
+], ids=lambda e: "-".join(f"{k}={v}" for k, v in e.items()))
+def test_execution_choices_match_default(execution, small_batch, model_and_params):
+    """Execution choices share parameters and give the same values and gradients (tf32 is
+    float32 on a CPU)."""
     model, params = model_and_params
-
-    def value_and_grad(m):
-        loss = lambda p, pos: jnp.sum(m.apply(p, with_positions(small_batch, pos)) ** 2)
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, small_batch.nodes[POSITIONS])
-
-    ref_value, ref_grads = value_and_grad(model)
-    for variant in (small_model(fuse_level=level), small_model(fuse_level=level, low_memory=True)):
-        value, grads = value_and_grad(variant)
-        assert relative_error(value, ref_value) < 1e-5
-        for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-            assert relative_error(g, g_ref) < 1e-4
+    if "default" not in _REFERENCE:
+        _REFERENCE["default"] = _value_and_grad(model, params, small_batch)
+    ref_value, ref_grads = _REFERENCE["default"]
+    value, grads = _value_and_grad(small_model(**execution), params, small_batch)
+    assert relative_error(value, ref_value) < 1e-5
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        assert relative_error(g, g_ref) < 1e-4
 
 
 def test_paired_edges_compute_the_same_function(small_batch, model_and_params):
     """Radial weights once per bond (paired) or per directed edge: same values and gradients."""
     model, params = model_and_params
 
-    def value_and_grad(m):
-        loss = lambda p, pos: jnp.sum(m.apply(p, with_positions(small_batch, pos)) ** 2)
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, small_batch.nodes[POSITIONS])
-
-    ref_value, ref_grads = value_and_grad(model)
-    value, grads = value_and_grad(small_model(paired_edges=True))
+    ref_value, ref_grads = _value_and_grad(model, params, small_batch)
+    value, grads = _value_and_grad(small_model(paired_edges=False), params, small_batch)
     assert relative_error(value, ref_value) < 1e-5
     for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         assert relative_error(g, g_ref) < 1e-4
@@ -178,7 +180,7 @@ def test_reduced_precision_close_to_fp32(precision, rtol, model_and_params, smal
 def test_gradients_finite_with_padding(model_and_params, small_batch, debug_nans):
     """Padding nodes all sit at the origin: padded edges have zero length."""
     model, params = model_and_params
-    real = padding_masks(small_batch)[2]
+    real = padding_masks(small_batch).graphs
 
     def loss(p, pos):
         out = model.apply(p, with_positions(small_batch, pos))

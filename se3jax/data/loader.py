@@ -23,7 +23,7 @@ import jax
 import jraph
 import numpy as np
 
-from se3jax.graphs import PaddingBudget, pad_to_budget
+from se3jax.graphs import PaddingBudget, check_values, pad_to_budget
 
 
 def budget_for(dataset, indices, batch_size: int, slack: float = 1.1) -> PaddingBudget:
@@ -110,9 +110,12 @@ class BatchLoader:
         return len(self.plan(epoch))
 
     def assemble(self, step: list[np.ndarray]) -> jraph.GraphsTuple:
-        """One step's padded batch (stacked over devices when ``num_devices > 1``)."""
+        """One step's padded batch (stacked over devices when ``num_devices > 1``), its values
+        checked on the host (a compiled step cannot check them)."""
         batches = [pad_to_budget(self.dataset.batch_graphs(idx), self.budget)
                    for idx in step]
+        for batch in batches:
+            check_values(batch)
         return batches[0] if self.num_devices == 1 else _stack(batches)
 
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[jraph.GraphsTuple]:

@@ -21,7 +21,7 @@ import sys
 import jraph
 import numpy as np
 
-from se3jax.graphs import molecule_graph
+from se3jax.graphs import TARGET, molecule_graph
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +248,6 @@ def molecule_to_graph(atomic_numbers, positions, bonds=None, target=None) -> jra
     else:
         bond_rows = _bonds_from_user(bonds, len(z))
     senders, receivers, types = directed_edges(bond_rows)
-    globals_ = None if target is None else {"target": np.float32(target)}
+    globals_ = None if target is None else {TARGET: np.float32(target)}
     return molecule_graph(positions, node_features(z), senders, receivers,
                              edge_features(types), globals_)

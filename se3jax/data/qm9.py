@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from se3jax.data.molecules import (BondMethod, atomic_numbers_from, directed_edges, edge_features,
                                    infer_bond_list, node_features)
-from se3jax.graphs import HARMONICS, molecule_graph
+from se3jax.graphs import FEATURES, HARMONICS, POSITIONS, TARGET, molecule_graph
 
 logger = logging.getLogger(__name__)
 
@@ -392,7 +392,7 @@ class QM9Dataset:
         return molecule_graph(self.positions[a0:a1], node_features(self.atomic_numbers[a0:a1]),
                                  self.senders[e0:e1], self.receivers[e0:e1],
                                  edge_features(self.bond_types[e0:e1]),
-                                 {"target": np.float32(target)})
+                                 {TARGET: np.float32(target)})
 
     def batch_graphs(self, indices, normalised: bool = True) -> jraph.GraphsTuple:
         """Molecules ``indices`` batched into one unpadded GraphsTuple (vectorised; equal to
@@ -405,17 +405,17 @@ class QM9Dataset:
         target = self.task_targets[indices].astype(np.float64)
         target = self.normalise(target) if normalised else target
         z = self.atomic_numbers[atoms]
-        edge_data = {"features": edge_features(self.bond_types[edges])}
+        edge_data = {FEATURES: edge_features(self.bond_types[edges])}
         if self.edge_harmonics is not None:
             edge_data[HARMONICS] = self.edge_harmonics[edges]
         return jraph.GraphsTuple(
-            nodes={"positions": self.positions[atoms].astype(np.float32),
-                   "features": node_features(z)},
+            nodes={POSITIONS: self.positions[atoms].astype(np.float32),
+                   FEATURES: node_features(z)},
             edges=edge_data,
             senders=(self.senders[edges].astype(np.int32) + node_shift).astype(np.int32),
             receivers=(self.receivers[edges].astype(np.int32) + node_shift).astype(np.int32),
             n_node=n_node.astype(np.int32), n_edge=n_edge.astype(np.int32),
-            globals={"target": target.astype(np.float32)})
+            globals={TARGET: target.astype(np.float32)})
 
     def precompute_harmonics(self, max_degree: int, chunk: int = 1 << 18) -> float:
         """Basis precomputation: the stacked spherical harmonics of every edge direction,

@@ -6,8 +6,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from se3jax.fiber import Fiber
-from se3jax.layers.convolution import ConvSE3, FuseLevel
+from se3jax.edges import EdgeInputs
+from se3jax.execution import Execution
+from se3jax.fiber import Features, Fiber
+from se3jax.layers.convolution import ConvSE3
 from se3jax.layers.linear import LinearSE3
 from se3jax.precision import at_least_f32, get_policy
 
@@ -32,7 +34,7 @@ def segment_softmax(logits: jax.Array, segments: jax.Array, num_segments: int,
     return ex / jnp.where(denom > 0, denom, 1.0)[segments]
 
 
-def split_heads(features: dict, num_heads: int) -> jax.Array:
+def split_heads(features: Features, num_heads: int) -> jax.Array:
     """``{d: [X, C_d, 2d+1]}`` -> ``[X, H, sum_d (C_d / H)(2d+1)]``: each head gets whole
     channels of every degree, so a per-head dot product stays rotation invariant."""
     parts = []
@@ -54,14 +56,9 @@ class AttentionBlockSE3(nn.Module):
 
     fiber_in: Fiber
     fiber_out: Fiber
-    max_degree: int
     num_heads: int = 8
     channels_div: int = 2
-    fuse_level: FuseLevel | str = FuseLevel.AUTO
-    precision: str = "fp32"
-    edge_chunk: int | None = None
-    remat: bool = True
-    paired_edges: bool = False
+    execution: Execution = Execution()
 
     def fibers(self):
         value_fiber = self.fiber_out // self.channels_div
@@ -69,31 +66,28 @@ class AttentionBlockSE3(nn.Module):
         return value_fiber, key_fiber
 
     @nn.compact
-    def __call__(self, features: dict, edge_scalars, harmonics, senders, receivers, edge_mask):
+    def __call__(self, features: Features, edges: EdgeInputs) -> Features:
         value_fiber, key_fiber = self.fibers()
-        kv = ConvSE3(self.fiber_in, value_fiber + key_fiber, self.max_degree, self.fuse_level,
-                     precision=self.precision, edge_chunk=self.edge_chunk, remat=self.remat,
-                     return_messages=True, paired_edges=self.paired_edges, name="key_value_conv")(
-            features, edge_scalars, harmonics, senders, receivers, edge_mask)
-        values = {d: kv[d][:, :value_fiber[d]] for d in value_fiber.degrees}
+        kv = ConvSE3(self.fiber_in, value_fiber + key_fiber, return_messages=True,
+                     execution=self.execution, name="key_value_conv")(features, edges)
+        values = {d: kv[d][:, :value_fiber[d]] for d in value_fiber.degrees}   # [E, C_d, 2d+1]
         keys = {d: kv[d][:, value_fiber[d]:] for d in key_fiber.degrees}
-        queries = LinearSE3(self.fiber_in, key_fiber, name="query")(features)
+        queries = LinearSE3(self.fiber_in, key_fiber, execution=self.execution, name="query")(features)
 
-        policy = get_policy(self.precision)
-        k = policy.cast(split_heads(keys, self.num_heads))
-        q = policy.cast(split_heads(queries, self.num_heads))[receivers]
-        logits = jnp.einsum("ehc,ehc->eh", k, q, preferred_element_type=policy.accumulation_dtype)
-        logits = logits / jnp.sqrt(float(key_fiber.num_features))
+        policy = get_policy(self.execution.precision)
         num_nodes = next(iter(features.values())).shape[0]
-        alpha = segment_softmax(logits, receivers, num_nodes, edge_mask)   # [E, H]
-
-        attended = {}
-        for d, c in value_fiber:
-            v = values[d].reshape(-1, self.num_heads, c // self.num_heads, 2 * d + 1)
-            weighted = (v * alpha[:, :, None, None]).reshape(-1, c, 2 * d + 1)
-            attended[d] = jax.ops.segment_sum(weighted, receivers, num_nodes)
+        with jax.named_scope("attention"):
+            k = split_heads(keys, self.num_heads)                                # [E, H, c]
+            q = split_heads(queries, self.num_heads)[edges.receivers]            # [E, H, c]
+            logits = policy.einsum("ehc,ehc->eh", k, q) / jnp.sqrt(float(key_fiber.num_features))
+            alpha = segment_softmax(logits, edges.receivers, num_nodes, edges.mask)  # [E, H]
+            attended = {}
+            for d, c in value_fiber:
+                v = values[d].reshape(-1, self.num_heads, c // self.num_heads, 2 * d + 1)
+                weighted = (v * alpha[:, :, None, None]).reshape(-1, c, 2 * d + 1)  # [E, C_d, 2d+1]
+                attended[d] = jax.ops.segment_sum(weighted, edges.receivers, num_nodes)
 
         skip = self.fiber_in.restrict(value_fiber.degrees)
         z = {d: jnp.concatenate([attended[d], at_least_f32(features[d])], axis=1)
              if d in skip else attended[d] for d in value_fiber.degrees}
-        return LinearSE3(value_fiber + skip, self.fiber_out, name="project")(z)
+        return LinearSE3(value_fiber + skip, self.fiber_out, execution=self.execution, name="project")(z)

@@ -18,12 +18,22 @@ The parameters are the same at every level: one radial MLP whose last kernel hol
 path's weights in a canonical layout (path blocks ``[c_out, c_in, F]`` in ``plan.paths``
 order). A level only changes which static column gather of that kernel each group uses,
 so a checkpoint trained at one level runs at any other with the same outputs.
+
+The plan of a hidden layer of the QM9 model (4 degrees x 32 channels in, keys + values out):
+
+>>> from se3jax.execution import FuseLevel
+>>> plan = conv_plan(Fiber.create(4, 32), Fiber.create(4, 32), FuseLevel.PARTIAL_OUT, 3)
+>>> plan.n_weights, len(plan.groups)
+(45056, 4)
+>>> [(g.out_degrees, g.in_dim, g.n_freq, g.out_dim) for g in plan.groups]
+[((0,), 16, 4, 1), ((1,), 16, 10, 3), ((2,), 16, 14, 5), ((3,), 16, 16, 7)]
+>>> len(conv_plan(Fiber.create(4, 32), Fiber.create(4, 32), FuseLevel.NONE, 3).groups)
+16
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 
 import flax.linen as nn
@@ -32,70 +42,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from se3jax.basis import harmonics_dim, num_frequencies, path_basis_matrix
-from se3jax.fiber import Fiber, degree_dim
+from se3jax.edges import EdgeInputs
+from se3jax.execution import Execution, FuseLevel, edge_chunk_rows, remat_radial, resolve_fuse_level
+from se3jax.fiber import Features, Fiber, degree_dim
 from se3jax.layers.linear import LinearSE3
 from se3jax.layers.radial import RadialProfile, scaled_normal_columns
-from se3jax.precision import accumulation_dtype, get_policy
-
-
-class FuseLevel(str, enum.Enum):
-    NONE = "none"
-    PARTIAL_OUT = "partial_out"
-    PARTIAL_IN = "partial_in"
-    FULL = "full"
-    AUTO = "auto"
-
-
-def allowed_levels(fiber_in: Fiber, fiber_out: Fiber) -> tuple[FuseLevel, ...]:
-    """The levels the fibers permit (fusing degrees needs equal channel counts)."""
-    levels = [FuseLevel.NONE]
-    if fiber_in.uniform_channels is not None and len(fiber_in.degrees) > 1:
-        levels.append(FuseLevel.PARTIAL_OUT)
-    if fiber_out.uniform_channels is not None and len(fiber_out.degrees) > 1:
-        levels.append(FuseLevel.PARTIAL_IN)
-    if (fiber_in.uniform_channels is not None and fiber_out.uniform_channels is not None
-            and len(fiber_in.degrees) * len(fiber_out.degrees) > 1):
-        levels.append(FuseLevel.FULL)
-    return tuple(levels)
-
-
-# Fastest level per backend. CPU, measured with `scripts/benchmark.py --fuse-level ...` on the
-# 2-core project machine (QM9 model, batch 100, paired edges): training none 29-30 mol/s,
-# partial_out 27-28, partial_in 21, full 14; inference partial_out 172, none 162 -- training
-# is the heavy workload, so none first. Wider groups mean fewer, bigger ops but more
-# multiply-adds: the GPU order is the reference's choice, not yet measured here.
-_PREFERENCE = {
-    "cpu": (FuseLevel.NONE,),
-    "gpu": (FuseLevel.FULL, FuseLevel.PARTIAL_OUT, FuseLevel.PARTIAL_IN, FuseLevel.NONE),
-}
-
-
-def resolve_level(level: "FuseLevel | str", fiber_in: Fiber, fiber_out: Fiber,
-                  backend: str | None = None) -> FuseLevel:
-    """Turn ``auto`` into the fastest allowed level for the backend; check a forced level."""
-    level = FuseLevel(level)
-    allowed = allowed_levels(fiber_in, fiber_out)
-    if level == FuseLevel.AUTO:
-        backend = backend or jax.default_backend()
-        for candidate in _PREFERENCE.get(backend, _PREFERENCE["gpu"]):
-            if candidate in allowed:
-                return candidate
-        return FuseLevel.NONE
-    if level not in allowed:
-        # A forced level the fibers cannot do falls back to the widest one they can: a
-        # model-wide setting must still work on layers with ragged fibers (first/last).
-        order = [FuseLevel.FULL, FuseLevel.PARTIAL_OUT, FuseLevel.PARTIAL_IN, FuseLevel.NONE]
-        return next(l for l in order[order.index(level):] if l in allowed)
-    return level
+from se3jax.precision import Policy, get_policy
 
 
 def all_paths(max_degree: int) -> tuple[tuple[int, int], ...]:
-    """Every (d_in, d_out) path for degrees 0..max_degree, in pair-basis order."""
+    """Every (d_in, d_out) path for degrees 0..max_degree, in the order of the path bases."""
     return tuple((a, b) for a in range(max_degree + 1) for b in range(max_degree + 1))
 
 
 @functools.lru_cache(maxsize=None)
-def pair_basis_matrix(max_degree: int) -> tuple[np.ndarray, dict]:
+def path_bases_matrix(max_degree: int) -> tuple[np.ndarray, dict]:
     """Q for all paths at once: ``Y @ Q`` gives every path's basis, flattened and concatenated
     (1,092 numbers per edge for degrees 0..3), plus each path's column offset."""
     rows = harmonics_dim(2 * max_degree)
@@ -109,15 +70,19 @@ def pair_basis_matrix(max_degree: int) -> tuple[np.ndarray, dict]:
     return q, offsets
 
 
-def pair_bases(harmonics: jax.Array, max_degree: int) -> jax.Array:
-    """All paths' bases for each edge from stacked harmonics: ``[E, n_pair_basis]``
-    (one small matmul: ~2% of a hidden layer's multiply-adds)."""
-    q, _ = pair_basis_matrix(max_degree)
-    return jnp.dot(harmonics, jnp.asarray(q, harmonics.dtype))
+def path_bases(harmonics: jax.Array, max_degree: int, policy: Policy | str = "fp32") -> jax.Array:
+    """All paths' bases for each edge from stacked harmonics: ``[E, n_path_bases]``
+    (one small matmul: ~2% of a hidden layer's multiply-adds). Float32 (or float64) results
+    at the policy's matmul precision."""
+    policy = get_policy(policy)
+    q, _ = path_bases_matrix(max_degree)
+    return jnp.dot(harmonics, jnp.asarray(q, harmonics.dtype), precision=policy.dot_precision)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class PathGroup:
+    """Paths fused into one contraction: input degrees x output degrees of a convolution."""
+
     in_degrees: tuple[int, ...]
     out_degrees: tuple[int, ...]
     c_in: int
@@ -126,10 +91,21 @@ class PathGroup:
     in_dim: int                # sum over in_degrees of 2d+1
     out_dim: int               # sum over out_degrees of 2d+1
     weight_index: np.ndarray   # [c_out * c_in * F_g]: columns of the canonical radial kernel
-    basis_index: np.ndarray    # [in_dim * F_g * out_dim]: columns of the pair bases (-1 = 0)
+    basis_index: np.ndarray    # [in_dim * F_g * out_dim]: columns of the path bases (-1 = 0)
+
+    @property
+    def row_weights(self) -> int:
+        """Radial weights of this group per edge (or bond)."""
+        return self.c_out * self.c_in * self.n_freq
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, PathGroup):
+            return NotImplemented
+        return all(np.array_equal(getattr(self, f.name), getattr(other, f.name))
+                   for f in dataclasses.fields(self))
 
     def __hash__(self):
-        return hash((self.in_degrees, self.out_degrees, self.c_in, self.c_out))
+        return hash((self.in_degrees, self.out_degrees, self.c_in, self.c_out, self.n_freq))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +113,7 @@ class ConvPlan:
     fiber_in: Fiber
     fiber_out: Fiber
     level: FuseLevel
-    max_degree: int                     # degree range of the shared pair bases
+    max_degree: int                     # degree range of the shared path bases
     paths: tuple[tuple[int, int], ...]  # canonical path order of the radial kernel
     path_offsets: tuple[int, ...]       # start column of each path's block
     n_weights: int
@@ -153,6 +129,10 @@ class ConvPlan:
             fan[off:off + n] = total
         return fan
 
+    @property
+    def max_group_row_weights(self) -> int:
+        return max(g.row_weights for g in self.groups)
+
 
 def _group_degrees(level: FuseLevel, fiber_in: Fiber, fiber_out: Fiber):
     ins, outs = fiber_in.degrees, fiber_out.degrees
@@ -167,15 +147,21 @@ def _group_degrees(level: FuseLevel, fiber_in: Fiber, fiber_out: Fiber):
 
 @functools.lru_cache(maxsize=None)
 def conv_plan(fiber_in: Fiber, fiber_out: Fiber, level: FuseLevel, max_degree: int) -> ConvPlan:
-    """Static execution plan of a convolution (numpy, built once per fiber pair and level)."""
-    level = resolve_level(level, fiber_in, fiber_out)
+    """Static execution plan of a convolution (numpy, built once per fiber pair and level).
+    ``level`` must be one the fibers allow (:func:`se3jax.execution.resolve_fuse_level`)."""
+    level = FuseLevel(level)
+    if level == FuseLevel.AUTO:
+        raise ValueError("conv_plan needs a concrete level: resolve 'auto' first")
+    if max(fiber_in.max_degree, fiber_out.max_degree) > max_degree:
+        raise ValueError(f"fibers {fiber_in} -> {fiber_out} need degrees above the edge harmonics' "
+                         f"max_degree {max_degree}")
     paths = tuple((a, b) for b in fiber_out.degrees for a in fiber_in.degrees)
     offsets, col = [], 0
     for a, b in paths:
         offsets.append(col)
         col += fiber_out[b] * fiber_in[a] * num_frequencies(a, b)
     path_offset = dict(zip(paths, offsets))
-    _, pair_offset = pair_basis_matrix(max_degree)
+    _, bases_offset = path_bases_matrix(max_degree)
 
     groups = []
     for in_degrees, out_degrees in _group_degrees(level, fiber_in, fiber_out):
@@ -187,7 +173,7 @@ def conv_plan(fiber_in: Fiber, fiber_out: Fiber, level: FuseLevel, max_degree: i
         for g, (a, b, f) in enumerate(freqs):
             o, i = np.meshgrid(np.arange(c_out), np.arange(c_in), indexing="ij")
             w[:, :, g] = path_offset[(a, b)] + (o * c_in + i) * num_frequencies(a, b) + f
-        # basis_index[l, g, k] -> column of the pair bases, or -1 where the block is zero
+        # basis_index[l, g, k] -> column of the path bases, or -1 where the block is zero
         in_off = np.cumsum([0] + [degree_dim(a) for a in in_degrees])
         out_off = np.cumsum([0] + [degree_dim(b) for b in out_degrees])
         bidx = -np.ones((in_off[-1], n_f, out_off[-1]), np.int64)
@@ -195,14 +181,14 @@ def conv_plan(fiber_in: Fiber, fiber_out: Fiber, level: FuseLevel, max_degree: i
             ia, ib = in_degrees.index(a), out_degrees.index(b)
             nf = num_frequencies(a, b)
             local = np.arange(degree_dim(a) * nf * degree_dim(b)).reshape(degree_dim(a), nf, degree_dim(b))
-            bidx[in_off[ia]:in_off[ia + 1], g, out_off[ib]:out_off[ib + 1]] = pair_offset[(a, b)] + local[:, f, :]
+            bidx[in_off[ia]:in_off[ia + 1], g, out_off[ib]:out_off[ib + 1]] = bases_offset[(a, b)] + local[:, f, :]
         groups.append(PathGroup(in_degrees, out_degrees, c_in, c_out, n_f, int(in_off[-1]),
                                 int(out_off[-1]), w.reshape(-1), bidx.reshape(-1)))
     return ConvPlan(fiber_in, fiber_out, level, max_degree, paths, tuple(offsets), col, tuple(groups))
 
 
 def group_basis(bases: jax.Array, group: PathGroup) -> jax.Array:
-    """The group's block-sparse basis ``[E, in_dim, F_g, out_dim]`` gathered from pair bases."""
+    """The group's block-sparse basis ``[E, in_dim, F_g, out_dim]`` gathered from path bases."""
     idx = group.basis_index
     if (idx >= 0).all():
         gathered = jnp.take(bases, jnp.asarray(idx), axis=1)
@@ -212,43 +198,51 @@ def group_basis(bases: jax.Array, group: PathGroup) -> jax.Array:
     return gathered.reshape(bases.shape[0], group.in_dim, group.n_freq, group.out_dim)
 
 
-def tfn_messages(plan: ConvPlan, hidden: jax.Array, kernel: jax.Array, x_src: dict,
-                 harmonics: jax.Array, compute_dtype=jnp.float32, paired: bool = False) -> dict:
+def tfn_messages(plan: ConvPlan, hidden: jax.Array, kernel: jax.Array, x_src: Features,
+                 harmonics: jax.Array, policy: Policy | str = "fp32",
+                 paired: bool = False) -> Features:
     """Per-edge TFN messages ``{d_out: [E, c_out, 2 d_out + 1]}`` (at least float32).
 
-    ``hidden`` [E, mid] and ``kernel`` [mid, n_weights] are the radial MLP's last activation
-    and kernel; ``x_src`` holds source-node features per degree ``[E, c_in, 2d+1]``;
-    ``harmonics`` the stacked spherical harmonics ``[E, (2 max_degree + 1)^2]``, from which
-    the pair bases are built here (49 numbers per edge kept instead of 1,092). Contractions
-    run in ``compute_dtype`` and return at least float32.
+    ``hidden`` [R, mid] and ``kernel`` [mid, n_weights] are the radial MLP's last activation
+    and kernel, one row R per edge (or per bond if ``paired``); ``x_src`` holds source-node
+    features per degree ``[E, c_in, 2d+1]``; ``harmonics`` the stacked spherical harmonics
+    ``[E, (2 max_degree + 1)^2]``, from which the path bases are built here (49 numbers per
+    edge kept instead of 1,092). Contractions run in the policy's dtype and matmul precision
+    and return at least float32.
 
-    ``paired``: edges ``2k, 2k+1`` are the two directions of bond ``k`` and ``hidden`` has one
-    row per bond: the radial weights (the dominant cost) are computed once per bond and
-    contracted with both directions.
+    ``paired``: edges ``2k, 2k+1`` are the two directions of bond ``k``: the radial weights
+    (the dominant cost) are computed once per bond and contracted with both directions.
     """
+    policy = get_policy(policy)
     num_edges = x_src[next(iter(x_src))].shape[0]
-    num_rows = hidden.shape[0]  # bonds if paired, else edges
+    num_rows = hidden.shape[0]
     if num_rows * (2 if paired else 1) != num_edges:
         raise ValueError(f"{num_rows} radial rows for {num_edges} edges (paired={paired})")
-    out_dtype = accumulation_dtype(compute_dtype)
-    bases = pair_bases(harmonics, plan.max_degree)
-    h = hidden.astype(compute_dtype)
+    # named scopes label the ops for profiles (se3jax.profiling)
+    with jax.named_scope("basis"):
+        bases = path_bases(harmonics, plan.max_degree, policy)   # [E, n_path_bases]
+    h = hidden.astype(policy.compute_dtype)                       # [R, mid]
     out = {}
     for group in plan.groups:
-        x = jnp.concatenate([x_src[a] for a in group.in_degrees], axis=-1).astype(compute_dtype)
-        basis = group_basis(bases, group).astype(compute_dtype)
-        # tmp[e, i, f, k] = sum_l x[e, i, l] basis[e, l, f, k]
-        tmp = jnp.einsum("eil,elfk->eifk", x, basis)
-        # per-edge weights of the group, already laid out as [e, o, (i, f)]
-        w = jnp.take(kernel, jnp.asarray(group.weight_index), axis=1).astype(compute_dtype)
-        radial = jnp.dot(h, w).reshape(num_rows, group.c_out, group.c_in * group.n_freq)
-        if paired:  # one radial matrix per bond, applied to both of its directions
-            tmp = tmp.reshape(num_rows, 2, -1, group.out_dim)
-            msg = jnp.einsum("boj,bsjk->bsok", radial, tmp, preferred_element_type=out_dtype)
+        with jax.named_scope("basis"):
+            basis = group_basis(bases, group)                                 # [E, l, f, k]
+        with jax.named_scope("tfn_contraction"):
+            x = jnp.concatenate([x_src[a] for a in group.in_degrees], axis=-1)   # [E, i, l]
+            # tmp[e, i, f, k] = sum_l x[e, i, l] basis[e, l, f, k]
+            tmp = policy.einsum("eil,elfk->eifk", x, basis, wide_result=False)
+        with jax.named_scope("radial_weights"):
+            # the group's per-row weights, laid out as [R, o, (i, f)]: the largest tensor here
+            w = jnp.take(kernel, jnp.asarray(group.weight_index), axis=1)    # [mid, o*i*f]
+            radial = policy.einsum("rm,mw->rw", h, w, wide_result=False)
+            radial = radial.reshape(num_rows, group.c_out, group.c_in * group.n_freq)
+        with jax.named_scope("tfn_contraction"):
+            if paired:  # one radial matrix per bond, applied to both of its directions (s)
+                tmp = tmp.reshape(num_rows, 2, group.c_in * group.n_freq, group.out_dim)
+                msg = policy.einsum("roj,rsjk->rsok", radial, tmp)         # [R, 2, o, k]
+            else:
+                tmp = tmp.reshape(num_edges, group.c_in * group.n_freq, group.out_dim)
+                msg = policy.einsum("eoj,ejk->eok", radial, tmp)            # [E, o, k]
             msg = msg.reshape(num_edges, group.c_out, group.out_dim)
-        else:
-            msg = jnp.einsum("eoj,ejk->eok", radial, tmp.reshape(num_edges, -1, group.out_dim),
-                             preferred_element_type=out_dtype)
         start = 0
         for b in group.out_degrees:
             piece = msg[..., start:start + degree_dim(b)]
@@ -257,102 +251,108 @@ def tfn_messages(plan: ConvPlan, hidden: jax.Array, kernel: jax.Array, x_src: di
     return out
 
 
-def chunked_edge_map(fn, num_edges: int, chunk: int | None, *edge_args):
-    """Apply ``fn`` to edges in chunks of ``chunk`` (a sequential loop), or all at once.
+def chunked_edge_map(fn, num_rows: int, chunk: int | None, *row_args):
+    """Apply ``fn`` to rows in chunks of ``chunk`` (a sequential loop), or all at once.
 
-    ``fn`` maps pytrees of ``[E_chunk, ...]`` arrays to a pytree of ``[E_chunk, ...]``.
-    Chunking bounds the live per-edge radial weights to one chunk (cache-sized), which cuts
-    peak memory; the edge count is padded up to a multiple of ``chunk`` with zero edges.
+    ``fn`` maps pytrees of ``[R_chunk, ...]`` arrays to a pytree of ``[R_chunk, ...]``.
+    Chunking bounds the live per-edge radial weights to one chunk, which cuts peak memory
+    (and keeps them in cache on a CPU); the row count is padded up to a multiple of ``chunk``
+    with zero rows.
     """
-    if not chunk or chunk >= num_edges:
-        return fn(*edge_args)
-    n_chunks = -(-num_edges // chunk)
-    pad = n_chunks * chunk - num_edges
+    if not chunk or chunk >= num_rows:
+        return fn(*row_args)
+    n_chunks = -(-num_rows // chunk)
+    pad = n_chunks * chunk - num_rows
 
     def split(x):
         x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
         return x.reshape((n_chunks, chunk) + x.shape[1:])
 
-    stacked = jax.lax.map(lambda args: fn(*args), jax.tree.map(split, edge_args))
-    return jax.tree.map(lambda y: y.reshape((n_chunks * chunk,) + y.shape[2:])[:num_edges], stacked)
+    stacked = jax.lax.map(lambda args: fn(*args), jax.tree.map(split, row_args))
+    return jax.tree.map(lambda y: y.reshape((n_chunks * chunk,) + y.shape[2:])[:num_rows], stacked)
+
+
+def by_bond(x: jax.Array) -> jax.Array:
+    """Per-edge array -> ``[bonds, 2, ...]`` (paired edges: a bond's two directions)."""
+    return x.reshape((-1, 2) + x.shape[1:])
+
+
+def by_edge(x: jax.Array) -> jax.Array:
+    """``[bonds, 2, ...]`` -> per-edge array (inverse of :func:`by_bond`)."""
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def edge_messages(plan: ConvPlan, kernel: jax.Array, features: Features, policy: Policy,
+                  paired: bool, hidden: jax.Array, harmonics: jax.Array,
+                  senders: jax.Array) -> Features:
+    """Messages of one chunk of rows (edges, or bonds with their two directions if ``paired``):
+    gathers the source features and builds the bases inside the chunk, so only node-sized
+    and 49-wide per-edge arrays stay live across chunks."""
+    if paired:
+        harmonics, senders = by_edge(harmonics), by_edge(senders)
+    with jax.named_scope("gather"):
+        x_src = {d: x[senders] for d, x in features.items()}
+    out = tfn_messages(plan, hidden, kernel, x_src, harmonics, policy, paired)
+    return {d: by_bond(m) for d, m in out.items()} if paired else out
 
 
 class ConvSE3(nn.Module):
     """SE(3)-equivariant TFN convolution from ``fiber_in`` to ``fiber_out``.
 
-    Call with node features ``{d: [N, C_d, 2d+1]}``, the edge scalars ``[E, F_edge]`` (bond
-    features with the edge length appended), the stacked edge harmonics ``[E, (2L+1)^2]``
-    (:func:`se3jax.basis.edge_geometry`), ``senders``/``receivers`` and the edge mask.
-    Returns ``{d: [N, C_d, 2d+1]}`` summed over incoming real edges, plus a per-degree
-    self-interaction when ``self_interaction``.
+    Call with node features ``{d: [N, C_d, 2d+1]}`` and the :class:`~se3jax.edges.EdgeInputs`
+    of the graph. Returns ``{d: [N, C_d, 2d+1]}`` summed over incoming real edges, plus a
+    per-degree self-interaction when ``self_interaction`` (or the per-edge messages
+    ``{d: [E, C_d, 2d+1]}`` when ``return_messages``).
 
-    ``edge_chunk`` processes edges in chunks (lower peak memory); ``remat`` recomputes the
-    per-edge radial weights in the backward pass instead of storing them (they are the
-    largest tensor of the model: ~45k numbers per edge per layer). Source features are
-    gathered and bases built inside each chunk, so per layer only node-sized and 49-wide
-    per-edge arrays are kept for the backward pass. ``paired_edges``: edges ``2k, 2k+1`` are
-    the two directions of one bond (:func:`se3jax.graphs.edges_are_paired`), so their radial
-    weights are equal and computed once.
+    How it runs (fusion level, precision, edge chunks, rematerialisation of the per-edge
+    radial weights, paired edges) comes from ``execution`` and never changes the parameters.
     """
 
     fiber_in: Fiber
     fiber_out: Fiber
-    max_degree: int
-    fuse_level: FuseLevel | str = FuseLevel.AUTO
     self_interaction: bool = False
-    precision: str = "fp32"
-    edge_chunk: int | None = None
-    remat: bool = True
     return_messages: bool = False  # attention wants per-edge outputs, not node sums
-    paired_edges: bool = False     # edges 2k, 2k+1 are one bond's two directions (graphs.py)
+    execution: Execution = Execution()
 
-    def plan(self) -> ConvPlan:
-        return conv_plan(self.fiber_in, self.fiber_out, FuseLevel(self.fuse_level), self.max_degree)
+    def plan(self, max_degree: int, backend: str | None = None) -> ConvPlan:
+        level = resolve_fuse_level(self.execution.fuse_level, self.fiber_in, self.fiber_out,
+                                   backend, self.execution.mode)
+        return conv_plan(self.fiber_in, self.fiber_out, level, max_degree)
 
     @nn.compact
-    def __call__(self, features: dict, edge_scalars: jax.Array, harmonics: jax.Array,
-                 senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array):
+    def __call__(self, features: Features, edges: EdgeInputs) -> Features:
         self.fiber_in.check_features(features, f"{type(self).__name__} input")
         features = {d: jnp.asarray(x) for d, x in features.items()}  # numpy inputs welcome
-        plan = self.plan()
-        column_scale = 1.0 / np.sqrt(plan.weight_fan_in)
-        compute_dtype = get_policy(self.precision).compute_dtype
-        paired = self.paired_edges
-        num_edges = senders.shape[0]
+        execution = self.execution
+        plan = self.plan(edges.max_degree)
+        policy = get_policy(execution.precision)
+        paired = execution.paired_edges
+        num_edges = edges.senders.shape[0]
         if paired and num_edges % 2:
             raise ValueError(f"paired edges need an even edge count, got {num_edges}")
         # both directions of a bond share length and bond features: one radial row per bond
-        hidden, kernel = RadialProfile(plan.n_weights, scaled_normal_columns(column_scale),
-                                       name="radial")(edge_scalars[0::2] if paired else edge_scalars)
-        # Work is split over rows: bonds if paired (per-edge arrays viewed as [E/2, 2, ...]),
-        # else edges.
-        def group_rows(x):
-            return x.reshape((-1, 2) + x.shape[1:]) if paired else x
-
-        def flat_rows(x):
-            return x.reshape((-1,) + x.shape[2:]) if paired else x
-
-        def messages(hidden, harmonics, senders):
-            harmonics, senders = flat_rows(harmonics), flat_rows(senders)
-            x_src = {d: x[senders] for d, x in features.items()}
-            out = tfn_messages(plan, hidden, kernel, x_src, harmonics, compute_dtype, paired)
-            return {d: group_rows(m) for d, m in out.items()}
-
-        if self.remat:
-            messages = jax.checkpoint(messages)
+        scalars = edges.scalars[0::2] if paired else edges.scalars
+        hidden, kernel = RadialProfile(plan.n_weights, scaled_normal_columns(1.0 / np.sqrt(plan.weight_fan_in)),
+                                       execution=execution, name="radial")(scalars)
+        messages = functools.partial(edge_messages, plan, kernel, features, policy, paired)
         rows = hidden.shape[0]
-        chunk = self.edge_chunk // 2 if (paired and self.edge_chunk) else self.edge_chunk
-        msgs = chunked_edge_map(messages, rows, chunk, hidden, group_rows(harmonics), group_rows(senders))
-        msgs = {d: flat_rows(m) for d, m in msgs.items()}
-        msgs = {d: jnp.where(edge_mask[:, None, None], m, 0.0) for d, m in msgs.items()}
+        chunk = edge_chunk_rows(execution, rows, plan.n_weights, plan.max_group_row_weights)
+        if remat_radial(execution, rows, plan.n_weights, chunked=chunk is not None):
+            messages = jax.checkpoint(messages)
+        per_row = (by_bond(edges.harmonics), by_bond(edges.senders)) if paired else (edges.harmonics, edges.senders)
+        msgs = chunked_edge_map(messages, rows, chunk, hidden, *per_row)
+        if paired:
+            msgs = {d: by_edge(m) for d, m in msgs.items()}
+        msgs = {d: jnp.where(edges.mask[:, None, None], m, 0.0) for d, m in msgs.items()}
         if self.return_messages:
             return msgs
         num_nodes = next(iter(features.values())).shape[0]
-        out = {d: jax.ops.segment_sum(m, receivers, num_nodes) for d, m in msgs.items()}
+        with jax.named_scope("segment_sum"):
+            out = {d: jax.ops.segment_sum(m, edges.receivers, num_nodes) for d, m in msgs.items()}
         if self.self_interaction:
             shared = self.fiber_in.restrict(self.fiber_out.degrees)
             if shared.degrees:
-                si = LinearSE3(shared, self.fiber_out.restrict(shared.degrees),
+                si = LinearSE3(shared, self.fiber_out.restrict(shared.degrees), execution=execution,
                                name="self_interaction")({d: features[d] for d in shared.degrees})
                 out = {d: out[d] + si[d] if d in si else out[d] for d in out}
         return out

@@ -6,8 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from se3jax.fiber import Fiber
-from se3jax.precision import at_least_f32
+from se3jax.execution import Execution
+from se3jax.fiber import Features, Fiber
+from se3jax.precision import at_least_f32, get_policy
 
 
 class LinearSE3(nn.Module):
@@ -18,16 +19,19 @@ class LinearSE3(nn.Module):
 
     fiber_in: Fiber
     fiber_out: Fiber
+    execution: Execution = Execution()  # only its precision matters here
 
     @nn.compact
-    def __call__(self, features: dict) -> dict:
+    def __call__(self, features: Features) -> Features:
         self.fiber_in.check_features(features, "LinearSE3 input")
         missing = [d for d in self.fiber_out.degrees if d not in self.fiber_in]
         if missing:
             raise ValueError(f"LinearSE3 cannot create degrees {missing} absent from {self.fiber_in}")
+        precision = get_policy(self.execution.precision).dot_precision
         out = {}
         for d, c_out in self.fiber_out:
             c_in = self.fiber_in[d]
             w = self.param(f"weight_{d}", nn.initializers.normal(1.0), (c_out, c_in))
-            out[d] = jnp.einsum("oi,nim->nom", w / jnp.sqrt(c_in), at_least_f32(features[d]))
+            x = at_least_f32(features[d])                                   # [N, i, m]
+            out[d] = jnp.einsum("oi,nim->nom", (w / jnp.sqrt(c_in)).astype(x.dtype), x, precision=precision)
         return out

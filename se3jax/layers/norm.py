@@ -31,9 +31,10 @@ class NormSE3(nn.Module):
     def __call__(self, features: dict) -> dict:
         self.fiber.check_features(features, "NormSE3 input")
         out = {}
-        for d, _ in self.fiber:
-            x = at_least_f32(features[d])
-            n = safe_norm(x)                                        # [N, C, 1]
-            new = nn.relu(nn.LayerNorm(name=f"layer_norm_{d}")(n[..., 0]))[..., None]
-            out[d] = x * (new / n)
+        with jax.named_scope("norm"):
+            for d, _ in self.fiber:
+                x = at_least_f32(features[d])
+                n = safe_norm(x)                                    # [N, C, 1]
+                new = nn.relu(nn.LayerNorm(name=f"layer_norm_{d}")(n[..., 0]))[..., None]
+                out[d] = x * (new / n)
         return out

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from se3jax.precision import at_least_f32
+from se3jax.execution import Execution
+from se3jax.precision import at_least_f32, get_policy
 
 
 def scaled_normal_columns(column_scale: np.ndarray):
@@ -36,12 +37,14 @@ class RadialProfile(nn.Module):
     n_weights: int
     kernel_init: Callable = nn.initializers.lecun_normal()  # e.g. scaled_normal_columns(...)
     mid_dim: int = 32
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, edge_scalars: jax.Array):
-        h = at_least_f32(edge_scalars)
+        h = at_least_f32(edge_scalars)  # [R, S]
+        precision = get_policy(self.execution.precision).dot_precision
         for i in range(2):
-            h = nn.Dense(self.mid_dim, name=f"dense_{i}")(h)
+            h = nn.Dense(self.mid_dim, precision=precision, name=f"dense_{i}")(h)
             h = nn.LayerNorm(name=f"norm_{i}")(h)
             h = nn.relu(h)
         kernel = self.param("kernel_out", self.kernel_init, (self.mid_dim, self.n_weights))

@@ -10,8 +10,8 @@ import difflib
 
 import ml_collections
 
-from se3jax.layers.convolution import FuseLevel
-from se3jax.precision import POLICIES
+from se3jax.execution import REMAT_CHOICES, Execution, FuseLevel
+from se3jax.precision import TRAINING_POLICIES
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -23,19 +23,23 @@ def default_config() -> ml_collections.ConfigDict:
     c.max_train_molecules = 0       # >0: train on the first K molecules of the train split
     c.max_eval_molecules = 0        # >0: evaluate on the first K molecules of val and test
     c.precompute_bases = False      # keep per-edge spherical harmonics in host RAM (49 floats/edge)
-    # model (SPEC §1)
+    # model (docs/design.md, section 1)
     c.num_layers = 7
     c.num_degrees = 4
     c.num_channels = 32
     c.num_heads = 8
     c.channels_div = 2
     c.pooling = "max"
+    # execution (se3jax.execution.Execution: speed and memory only, never the parameters)
     c.fuse_level = "auto"           # none | partial_out | partial_in | full | auto
-    c.precision = "fp32"            # fp32 | bf16 | fp16 (dynamic loss scaling)
+    c.precision = "fp32"            # fp32 | tf32 | bf16 | fp16 (dynamic loss scaling)
     c.low_memory = False
-    c.edge_chunk = 0                # 0 = the model's default
+    c.edge_chunk = 0                # 0 = chosen per backend (CPU cache size / GPU memory cap)
+    c.radial_memory_mb = 0          # accelerators: chunk edges when a layer's radial weights exceed
+                                    # this; 0 = 1,024 MB training / 4,096 MB inference
+    c.remat = "auto"                # on | off | auto: recompute the radial weights in the backward pass
     c.paired_edges = True           # QM9 graphs list each bond's two directions adjacently
-    # optimisation (SPEC §3)
+    # optimisation (docs/design.md, section 4)
     c.batch_size = 240              # molecules per device and step
     c.num_epochs = 100
     c.learning_rate = 0.002
@@ -43,10 +47,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.weight_decay = 0.1
     c.max_steps = 0                 # >0: stop after this many steps in total (resumable)
     c.seed = 0
-    # parallelism
-    c.parallel = "pmap"             # pmap | shard_map: same numbers
-    c.num_devices = 0               # 0 = all local devices
-    c.distributed = False           # multi-host: jax.distributed.initialize()
+    # parallelism (se3jax.training.parallel): batch_size molecules per device and step
+    c.parallel = "shard_map"        # shard_map | pmap: one code path, pmap names it as before
+    c.num_devices = 0               # devices per process; 0 = all local devices
+    c.distributed = False           # multi-host: start jax.distributed (cluster auto-detected)
+    c.coordinator_address = ""      # explicit multi-host settings (override auto-detection):
+    c.num_processes = 0             #   "host:port" of process 0, the process count,
+    c.process_id = -1               #   and this process's index
+    c.heartbeat_timeout_s = 60      # a dead process stops the others within this time
     # bookkeeping
     c.eval_every_epochs = 1
     c.eval_every_steps = 0          # >0: also evaluate every N steps
@@ -60,14 +68,15 @@ def default_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "pooling": ("max", "mean"),
     "fuse_level": tuple(level.value for level in FuseLevel),
-    "precision": tuple(p for p in POLICIES if p != "fp64"),
+    "precision": TRAINING_POLICIES,
+    "remat": REMAT_CHOICES,
     "parallel": ("pmap", "shard_map"),
 }
 _POSITIVE = ("num_layers", "num_degrees", "num_channels", "num_heads", "channels_div",
              "batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps",
-             "keep_checkpoints", "eval_every_epochs")
+             "keep_checkpoints", "eval_every_epochs", "heartbeat_timeout_s")
 _NON_NEGATIVE = ("max_molecules", "max_train_molecules", "max_eval_molecules", "max_steps",
-                 "num_devices", "eval_every_steps", "edge_chunk")
+                 "num_devices", "eval_every_steps", "edge_chunk", "radial_memory_mb", "num_processes")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -115,12 +124,20 @@ def load_config_file(path) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+def execution_from_config(config: ml_collections.ConfigDict, mode: str = "train") -> Execution:
+    """The model's :class:`~se3jax.execution.Execution` from a config's execution fields."""
+    defaults = default_config()
+    get = lambda key: config.get(key, defaults[key])  # configs saved before a field existed
+    return Execution(fuse_level=get("fuse_level"), precision=get("precision"),
+                     edge_chunk=get("edge_chunk"), radial_memory_mb=get("radial_memory_mb"),
+                     low_memory=get("low_memory"), remat=get("remat"),
+                     paired_edges=get("paired_edges"), mode=mode)
+
+
+def model_kwargs(config: ml_collections.ConfigDict, mode: str = "train") -> dict:
     """Keyword arguments of SE3TransformerPooled from a config (shared by training and
     inference, so a saved config rebuilds exactly the trained model)."""
     return dict(num_layers=config.num_layers, num_degrees=config.num_degrees,
                 num_channels=config.num_channels, num_heads=config.num_heads,
                 channels_div=config.channels_div, pooling=config.pooling,
-                fuse_level=config.fuse_level, precision=config.precision,
-                low_memory=config.low_memory, edge_chunk=config.edge_chunk or None,
-                paired_edges=config.paired_edges)
+                execution=execution_from_config(config, mode))

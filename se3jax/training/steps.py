@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import jraph
 import optax
 
-from se3jax.graphs import padding_masks
+from se3jax.graphs import TARGET, padding_masks
 from se3jax.precision import DynamicLossScale, all_finite
 
 
@@ -22,8 +22,9 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def create_train_state(model, optimizer: optax.GradientTransformation, graphs: jraph.GraphsTuple,
-                       rng: jax.Array, loss_scaling: bool = False) -> TrainState:
-    params = jax.jit(model.init)(rng, graphs)
+                       rng: jax.Array, loss_scaling: bool = False, params=None) -> TrainState:
+    """A fresh state: ``params`` initialised from ``rng`` (or the ones given)."""
+    params = jax.jit(model.init)(rng, graphs) if params is None else params
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       loss_scale=DynamicLossScale.create() if loss_scaling else None)
 
@@ -41,8 +42,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, axis_name: s
     optimizer update; with a loss scale (fp16), non-finite steps are skipped."""
 
     def step(state: TrainState, graphs: jraph.GraphsTuple):
-        graph_mask = padding_masks(graphs)[2]
-        targets = graphs.globals["target"]
+        graph_mask = padding_masks(graphs).graphs
+        targets = graphs.globals[TARGET]
 
         def loss_fn(params):
             abs_sum, count = masked_l1(model.apply(params, graphs), targets, graph_mask)
@@ -63,8 +64,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, axis_name: s
             grads = loss_scale.unscale(grads)
             finite = all_finite(grads)
             loss_scale = loss_scale.adjust(finite)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         if state.loss_scale is not None:  # skip the update on overflow
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
@@ -79,11 +81,13 @@ def make_train_step(model, optimizer: optax.GradientTransformation, axis_name: s
 
 
 def make_eval_step(model, axis_name: str | None = None):
-    """``step(params, graphs) -> {"abs_error_sum", "num_graphs"}`` on normalised targets."""
+    """``step(params, graphs) -> {"abs_error_sum", "num_graphs"}`` on normalised targets,
+    with the model's inference execution plan (same parameters, same function)."""
+    model = model.clone(execution=model.execution.for_mode("infer"))
 
     def step(params, graphs: jraph.GraphsTuple):
-        graph_mask = padding_masks(graphs)[2]
-        abs_sum, count = masked_l1(model.apply(params, graphs), graphs.globals["target"], graph_mask)
+        graph_mask = padding_masks(graphs).graphs
+        abs_sum, count = masked_l1(model.apply(params, graphs), graphs.globals[TARGET], graph_mask)
         if axis_name is not None:
             abs_sum, count = jax.lax.psum((abs_sum, count), axis_name)
         return {"abs_error_sum": abs_sum, "num_graphs": count}

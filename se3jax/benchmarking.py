@@ -1,0 +1,208 @@
+"""Measure the QM9 SE(3)-Transformer: training-step and inference throughput, compile time,
+memory, FLOPs, and the rotation invariance of the predictions on the device.
+
+The measuring behind ``scripts/benchmark.py`` (sweeps) and ``scripts/gpu_check.py`` (the
+one-call device check). Batches are synthetic QM9-sized molecules
+(:func:`se3jax.testing.synthetic_batch`), padded as the QM9 loader pads a batch of that size.
+Throughput is the median over timed steps after warm-up; compile time is separate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+
+import jax
+import numpy as np
+import optax
+
+from se3jax.edges import edge_inputs
+from se3jax.execution import Execution, edge_chunk_rows, remat_radial, resolve_fuse_level
+from se3jax.fiber import Fiber
+from se3jax.graphs import HARMONICS, POSITIONS, padding_masks
+from se3jax.layers.convolution import conv_plan
+from se3jax.model import SE3TransformerPooled
+from se3jax.precision import get_policy
+from se3jax.testing import random_rotations, relative_error, synthetic_batch
+from se3jax.training.steps import create_train_state, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One benchmark row: a workload (mode, batch size, model depth) and how it executes."""
+
+    mode: str = "train"            # train | infer
+    batch_size: int = 100
+    num_layers: int = 7
+    num_channels: int = 32
+    num_heads: int = 8
+    execution: Execution = Execution()
+    loss_scaling: bool | None = None  # None: as the precision needs (fp16)
+    precompute_bases: bool = False
+
+    @property
+    def label(self) -> str:
+        e, default = self.execution, Execution()
+        parts = [self.mode, f"b{self.batch_size}", e.precision, e.fuse_level]
+        if e.edge_chunk:
+            parts.append(f"chunk{e.edge_chunk}")
+        if e.radial_memory_mb != default.radial_memory_mb:
+            parts.append(f"cap{e.radial_memory_mb}MB")
+        if e.remat != default.remat:
+            parts.append(f"remat-{e.remat}")
+        for flag, name in ((e.low_memory, "lowmem"),
+                           (not e.paired_edges, "unpaired"), (self.precompute_bases, "precomputed")):
+            if flag:
+                parts.append(name)
+        if self.loss_scaling is False and get_policy(e.precision).needs_loss_scaling:
+            parts.append("no-loss-scale")
+        return " ".join(parts)
+
+
+def flop_count(jitted, *args) -> float:
+    """XLA's FLOP estimate of ``jitted(*args)``, from its HLO lowered for the CPU (the GPU
+    backend's cost analysis is missing or counts differently per precision), NaN if none."""
+    try:
+        cost = jitted.trace(*args).lower(lowering_platforms=("cpu",)).cost_analysis()
+    except Exception:  # a backend without a cost model raises instead of returning nothing
+        return float("nan")
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def memory_stats(compiled) -> dict:
+    """XLA's memory analysis of a compiled computation: argument + output + temp bytes, less
+    the outputs that reuse donated argument buffers (the train state is updated in place)."""
+    mem = compiled.memory_analysis()
+    out = {}
+    if mem is not None:
+        out.update(argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+                   alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes)
+        out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                              + out["temp_bytes"])
+    return out
+
+
+def time_steps(run, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def rotated(graphs, rotation: np.ndarray):
+    """The same batch with every position rotated (edge inputs follow from positions)."""
+    positions = np.asarray(graphs.nodes[POSITIONS], np.float64) @ rotation.T
+    return graphs._replace(nodes={**graphs.nodes, POSITIONS: positions.astype(np.float32)})
+
+
+def resolved_plan(setting: Setting, num_edges: int, backend: str | None = None) -> dict:
+    """What ``auto`` resolves to for the hidden layers of this setting: level and edge chunk."""
+    e = setting.execution.for_mode(setting.mode)
+    hidden = Fiber.create(4, setting.num_channels)
+    level = resolve_fuse_level(e.fuse_level, hidden, hidden, backend, e.mode)
+    plan = conv_plan(hidden, hidden, level, 3)
+    rows = num_edges // 2 if e.paired_edges else num_edges
+    chunk = edge_chunk_rows(e, rows, plan.n_weights, plan.max_group_row_weights, backend)
+    remat = remat_radial(e, rows, plan.n_weights, chunk is not None, backend) if e.mode == "train" else None
+    return {"resolved_level": level.value, "resolved_remat": remat,
+            "resolved_chunk_edges": None if chunk is None else chunk * (2 if e.paired_edges else 1)}
+
+
+@functools.lru_cache(maxsize=4)
+def _initial_params(num_layers: int, num_channels: int, num_heads: int):
+    model = SE3TransformerPooled(num_layers=num_layers, num_channels=num_channels, num_heads=num_heads)
+    example = synthetic_batch(np.random.default_rng(0), 2)
+    return jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), example))
+
+
+def measure(setting: Setting, steps: int = 10, warmup: int = 2, rotations: int = 0,
+            seed: int = 0, count_flops: bool = True, profile_dir: str | None = None) -> dict:
+    """Compile and time one setting. ``rotations > 0``: also the invariance error of the
+    predictions (max relative error over that many random rotations of the whole batch).
+    ``profile_dir``: also trace a few steps there and split their time by op class
+    (:mod:`se3jax.profiling`)."""
+    e = setting.execution.for_mode(setting.mode)
+    rng = np.random.default_rng(seed)
+    host_batch = synthetic_batch(rng, setting.batch_size)
+    if setting.precompute_bases:  # as the loader does with config.precompute_bases
+        edges = edge_inputs(host_batch.nodes[POSITIONS], host_batch.senders, host_batch.receivers, 3)
+        host_batch = host_batch._replace(edges={**host_batch.edges, HARMONICS: np.asarray(edges.harmonics)})
+    batch = jax.device_put(host_batch)
+    num_molecules = int(np.sum(np.asarray(padding_masks(host_batch).graphs)))
+    model = SE3TransformerPooled(num_layers=setting.num_layers, num_channels=setting.num_channels,
+                                 num_heads=setting.num_heads, execution=e)
+    loss_scaling = (get_policy(e.precision).needs_loss_scaling if setting.loss_scaling is None
+                    else setting.loss_scaling)
+    result = {"label": setting.label, "mode": setting.mode, "batch_size": setting.batch_size,
+              "num_layers": setting.num_layers, **dataclasses.asdict(e),
+              "loss_scaling": loss_scaling, "precompute_bases": setting.precompute_bases,
+              "molecules": num_molecules, "num_nodes": int(host_batch.nodes[POSITIONS].shape[0]),
+              "num_edges": int(host_batch.senders.shape[0]), "backend": jax.default_backend(),
+              **resolved_plan(setting, int(host_batch.senders.shape[0]))}
+    optimizer = optax.adamw(2e-3, weight_decay=0.1)
+    # parameters do not depend on the execution or the batch: initialise once per model size
+    params = _initial_params(setting.num_layers, setting.num_channels, setting.num_heads)
+    state = create_train_state(model, optimizer, batch, jax.random.PRNGKey(0), loss_scaling=loss_scaling,
+                               params=jax.device_put(params))
+
+    def jitted(m):
+        if setting.mode == "train":
+            return jax.jit(make_train_step(m, optimizer), donate_argnums=0)
+        return jax.jit(m.apply)
+
+    args = (state, batch) if setting.mode == "train" else (state.params, batch)
+    start = time.perf_counter()
+    compiled = jitted(model).lower(*args).compile()
+    result["compile_s"] = time.perf_counter() - start
+    result.update(memory_stats(compiled))
+    if count_flops:
+        # XLA counts a loop body once, so count FLOPs on the same step with edges unchunked
+        result["flops"] = flop_count(jitted(model.clone(execution=e.replace(edge_chunk=1 << 30))), *args)
+
+    holder = {"state": state}
+
+    def run():
+        if setting.mode == "train":
+            holder["state"], metrics = compiled(holder["state"], batch)
+            jax.block_until_ready(metrics)
+        else:
+            jax.block_until_ready(compiled(state.params, batch))
+
+    times = time_steps(run, warmup, steps)
+    median = statistics.median(times)
+    result.update(step_s=median, step_s_min=min(times), step_s_max=max(times),
+                  molecules_per_s=num_molecules / median)
+    if np.isfinite(result.get("flops", np.nan)):
+        result["tflops_per_s"] = result["flops"] / median / 1e12
+    if profile_dir:
+        from se3jax.profiling import profile_compiled
+        result["profile"] = profile_compiled(run, compiled.as_text(), profile_dir)
+    if rotations:
+        params = holder["state"].params if setting.mode == "train" else state.params
+        apply = compiled if setting.mode == "infer" else jax.jit(model.clone(execution=e.for_mode("infer")).apply)
+        real = np.asarray(padding_masks(host_batch).graphs)
+        reference = np.asarray(apply(params, batch))[real]
+        errors = [relative_error(np.asarray(apply(params, jax.device_put(rotated(host_batch, r))))[real],
+                                 reference)
+                  for r in random_rotations(np.random.default_rng(seed + 1), rotations)]
+        result["invariance_error"] = max(errors)
+    return result
+
+
+def format_row(r: dict) -> str:
+    mem = r.get("total_bytes", float("nan")) / 1e9
+    inv = r.get("invariance_error")
+    return (f"| {r['label']} | {r.get('resolved_level', '')} | {r.get('resolved_chunk_edges') or 'none'} | "
+            f"{r['molecules_per_s']:,.0f} | {r['step_s'] * 1e3:.1f} | {r['compile_s']:.1f} | {mem:.2f} | "
+            f"{r.get('tflops_per_s', float('nan')):.2f} | {'' if inv is None else f'{inv:.1e}'} |")
+
+
+TABLE_HEADER = ("| setting | level | edge chunk | molecules/s | step (ms) | compile (s) | XLA memory (GB) "
+                "| TFLOP/s | invariance error |\n|---|---|---|---:|---:|---:|---:|---:|---:|")

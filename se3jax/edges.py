@@ -1,0 +1,70 @@
+"""Per-edge inputs of the equivariant layers, computed once per forward pass.
+
+:func:`edge_inputs` is the one recipe that turns positions and the edge list into what every
+convolution reads: the radial networks' scalar inputs (edge features with the edge length
+appended) and the stacked spherical harmonics of the edge directions (from which each layer
+builds its kernel bases). The QM9 model, the trunk API, the tests and the benchmarks all use it.
+
+>>> import jax.numpy as jnp
+>>> e = edge_inputs(jnp.array([[0.0, 0, 0], [0, 0, 2.0]]), jnp.array([0, 1]), jnp.array([1, 0]),
+...                 max_degree=1, edge_features=jnp.ones((2, 4)))
+>>> e.scalars.shape, e.harmonics.shape, e.scalars[:, -1].tolist(), e.mask.tolist()
+((2, 5), (2, 9), [2.0, 2.0], [True, True])
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from se3jax.basis import edge_geometry, harmonics_dim
+from se3jax.precision import at_least_f32
+
+
+class EdgeInputs(NamedTuple):
+    """What the layers read per edge ``e`` (``senders[e] -> receivers[e]``)."""
+
+    senders: jax.Array    # [E] int
+    receivers: jax.Array  # [E] int
+    mask: jax.Array       # [E] bool: True for real edges, False for padding
+    scalars: jax.Array    # [E, S] radial network input: edge features, then the edge length
+    harmonics: jax.Array  # [E, (2 max_degree + 1)^2] spherical harmonics of orders 0..2 max_degree
+
+    @property
+    def max_degree(self) -> int:
+        """The largest feature degree these harmonics serve (orders up to twice that)."""
+        order = round(self.harmonics.shape[-1] ** 0.5) - 1
+        return order // 2
+
+
+def edge_inputs(positions: jax.Array, senders: jax.Array, receivers: jax.Array, max_degree: int,
+                edge_features: jax.Array | None = None, mask: jax.Array | None = None,
+                harmonics: jax.Array | None = None) -> EdgeInputs:
+    """The per-edge inputs for features of degrees up to ``max_degree``.
+
+    The relative position of edge ``e`` is ``positions[receivers[e]] - positions[senders[e]]``
+    (destination minus source), so everything is translation invariant. ``edge_features``
+    ``[E, F]`` (optional) come first in the scalars, the length last. ``mask`` defaults to all
+    edges real. ``harmonics``: precomputed stacked harmonics (basis precomputation; then no
+    gradient flows to positions through the directions, only through the lengths).
+    """
+    senders, receivers = jnp.asarray(senders), jnp.asarray(receivers)
+    computed, lengths = edge_geometry(positions, senders, receivers, 2 * max_degree)
+    if harmonics is not None:
+        expected = (senders.shape[0], harmonics_dim(2 * max_degree))
+        if tuple(harmonics.shape) != expected:
+            raise ValueError(f"precomputed edge harmonics have shape {tuple(harmonics.shape)}, "
+                             f"expected {list(expected)} for degrees up to {max_degree}")
+        computed = at_least_f32(harmonics)
+    scalars = lengths[:, None]
+    if edge_features is not None:
+        edge_features = at_least_f32(edge_features)
+        if edge_features.ndim != 2 or edge_features.shape[0] != senders.shape[0]:
+            raise ValueError(f"edge features must be [E={senders.shape[0]}, F], got "
+                             f"{tuple(edge_features.shape)}")
+        scalars = jnp.concatenate([edge_features, scalars.astype(edge_features.dtype)], axis=-1)
+    if mask is None:
+        mask = jnp.ones(senders.shape[0], bool)
+    return EdgeInputs(senders, receivers, jnp.asarray(mask), scalars, computed)

@@ -1,0 +1,257 @@
+"""How the model executes: choices that change speed and memory, never the parameters or the
+function computed.
+
+One frozen :class:`Execution` travels down the model (passed by keyword to every layer). Its
+``auto`` values are resolved here, per backend, from the measured tables below, at trace time
+(when the fibers, the edge count and the backend are known):
+
+- the **fusion level** of each convolution (:func:`resolve_fuse_level`), from a preference per
+  backend and mode (training or inference);
+- the **edge chunk** (:func:`edge_chunk_rows`): on a CPU, the rows of a chunk are sized to the
+  machine's last-level cache; on a GPU, edges are not chunked unless one layer's per-edge radial
+  weights would exceed ``radial_memory_mb`` (the chunk is then the largest that fits).
+
+>>> Execution().precision, Execution(mode="infer").for_mode("train").mode
+('fp32', 'train')
+>>> resolve_fuse_level("auto", Fiber.create(4, 32), Fiber.create(4, 32), "cpu", "train").value
+'none'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import math
+import os
+import subprocess
+import sys
+
+from se3jax.fiber import Fiber
+from se3jax.precision import POLICIES, get_policy
+
+MODES = ("train", "infer")
+REMAT_CHOICES = ("auto", "on", "off")
+
+
+class FuseLevel(str, enum.Enum):
+    """How a convolution groups its (d_in, d_out) paths (se3jax.layers.convolution)."""
+
+    NONE = "none"
+    PARTIAL_OUT = "partial_out"
+    PARTIAL_IN = "partial_in"
+    FULL = "full"
+    AUTO = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """Execution options of a model. Hashable (a Flax module attribute); every field has the
+    same default wherever an Execution is made.
+
+    - ``fuse_level``: ``none | partial_out | partial_in | full | auto``.
+    - ``precision``: ``fp32`` (float32 contractions on every backend), ``tf32`` (float32
+      storage, the GPU's TensorFloat-32 matmul mode), ``bf16``, ``fp16`` or ``fp64`` (tests).
+    - ``edge_chunk``: edges per chunk; 0 = chosen per backend (:func:`edge_chunk_rows`).
+    - ``radial_memory_mb``: on accelerators, the most memory one layer's per-edge radial
+      weights may take before edges are chunked; 0 = a share of the device's memory
+      (``CHUNK_MEMORY_FRACTION``).
+    - ``low_memory``: also rematerialise each attention block, always recompute the radial
+      weights, and halve the chunk budget.
+    - ``remat``: ``on`` recomputes the per-edge radial weights in the backward pass instead of
+      storing them (they are the largest tensor of the model), ``off`` stores them, ``auto``
+      decides per backend and size (:func:`remat_radial`).
+    - ``paired_edges``: edges ``2k, 2k+1`` are the two directions of one bond (what the
+      se3jax graph builders emit); the radial weights are then computed once per bond.
+    - ``mode``: ``train`` or ``infer``: which measured preference ``auto`` follows.
+    """
+
+    fuse_level: str = "auto"
+    precision: str = "fp32"
+    edge_chunk: int = 0
+    radial_memory_mb: int = 0
+    low_memory: bool = False
+    remat: str = "auto"
+    paired_edges: bool = True
+    mode: str = "train"
+
+    def __post_init__(self):
+        FuseLevel(self.fuse_level)  # raises on an unknown level
+        if self.precision not in POLICIES:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {POLICIES}")
+        if self.remat not in REMAT_CHOICES:
+            raise ValueError(f"unknown remat {self.remat!r}; choose one of {REMAT_CHOICES}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}")
+        if self.edge_chunk < 0 or self.radial_memory_mb < 0:
+            raise ValueError(f"need edge_chunk >= 0 and radial_memory_mb >= 0: {self}")
+        # a FuseLevel member and its string must give the same (hashable) Execution
+        object.__setattr__(self, "fuse_level", FuseLevel(self.fuse_level).value)
+
+    def for_mode(self, mode: str) -> "Execution":
+        """The same options for another mode (e.g. evaluation steps of a training run)."""
+        return dataclasses.replace(self, mode=mode)
+
+    def replace(self, **changes) -> "Execution":
+        return dataclasses.replace(self, **changes)
+
+
+def allowed_levels(fiber_in: Fiber, fiber_out: Fiber) -> tuple[FuseLevel, ...]:
+    """The levels the fibers permit (fusing degrees needs equal channel counts)."""
+    levels = [FuseLevel.NONE]
+    if fiber_in.uniform_channels is not None and len(fiber_in.degrees) > 1:
+        levels.append(FuseLevel.PARTIAL_OUT)
+    if fiber_out.uniform_channels is not None and len(fiber_out.degrees) > 1:
+        levels.append(FuseLevel.PARTIAL_IN)
+    if (fiber_in.uniform_channels is not None and fiber_out.uniform_channels is not None
+            and len(fiber_in.degrees) * len(fiber_out.degrees) > 1):
+        levels.append(FuseLevel.FULL)
+    return tuple(levels)
+
+
+# Fastest level per (backend, mode), first allowed one wins.
+# CPU, 2-core AMD EPYC (Zen 4), `scripts/benchmark.py --fuse-level ...`, QM9 model, paired
+# edges, fp32: training none > partial_out > partial_in > full (wider groups do up to 10x the
+# multiply-adds of the per-path form, see the README); inference partial_out > none.
+# GPU, H200, `scripts/gpu_check.py` (README tables), bf16: training at batch 240
+# partial_out 11,588 mol/s > none 8,789 > full 8,538 > partial_in 8,255 (tf32: partial_out
+# 7,914 > none 6,674); inference at batch 1600 partial_out 57,747 > none 49,898 > full 35,418.
+_PREFERENCE = {
+    ("cpu", "train"): (FuseLevel.NONE,),
+    ("cpu", "infer"): (FuseLevel.PARTIAL_OUT, FuseLevel.NONE),
+    ("gpu", "train"): (FuseLevel.PARTIAL_OUT, FuseLevel.PARTIAL_IN, FuseLevel.NONE),
+    ("gpu", "infer"): (FuseLevel.PARTIAL_OUT, FuseLevel.NONE, FuseLevel.PARTIAL_IN),
+}
+_WIDEST_FIRST = (FuseLevel.FULL, FuseLevel.PARTIAL_OUT, FuseLevel.PARTIAL_IN, FuseLevel.NONE)
+
+
+def backend_kind(backend: str | None = None) -> str:
+    """``cpu`` or ``gpu`` (every accelerator follows the GPU table)."""
+    import jax
+
+    return "cpu" if (backend or jax.default_backend()) == "cpu" else "gpu"
+
+
+def resolve_fuse_level(level: "FuseLevel | str", fiber_in: Fiber, fiber_out: Fiber,
+                       backend: str | None = None, mode: str = "train") -> FuseLevel:
+    """``auto`` -> the preferred allowed level for the backend and mode. A forced level the
+    fibers cannot do falls back to the widest one they can: a model-wide setting must still
+    work on layers with ragged fibers (the first and last)."""
+    level = FuseLevel(level)
+    allowed = allowed_levels(fiber_in, fiber_out)
+    if level == FuseLevel.AUTO:
+        preference = _PREFERENCE[(backend_kind(backend), mode)]
+        return next((l for l in preference if l in allowed), FuseLevel.NONE)
+    return next(l for l in _WIDEST_FIRST[_WIDEST_FIRST.index(level):] if l in allowed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge chunks
+
+# CPU: the largest radial weight block (one group's weights for the chunk's rows) takes about
+# half of the last-level cache, so it is still cached when the contraction reads it. Measured
+# on the 2-core Zen 4 (32 MB L3), training at batch 100 by chunk (edges): 128 -> 15.8 mol/s,
+# 512 -> 25.0, 1024 -> 25.9; the rule gives 1,024 there (README, "Execution plan").
+CACHE_FRACTION = 0.5
+# GPU: the per-layer radial weights stay unchunked up to this share of the device's memory
+# (H200, 141 GB: 3.5 GB training / 7 GB inference; H100, 80 GB: 2 GB / 4 GB). Chunks cost
+# speed: training at batch 1000 in bf16 (1.9 GB of weights per layer) measured 16,466 mol/s
+# unchunked (6.2 GB), 14,133 in 2 chunks (4.4 GB), 11,493 in 4 (3.6 GB); inference at batch
+# 1600 in bf16 (full level) 35,418 unchunked, 29,457 in 3 chunks (H200, README tables).
+CHUNK_MEMORY_FRACTION = {"train": 0.025, "infer": 0.05}
+# GPU training: the radial weights are stored for the backward pass instead of recomputed
+# when one layer's take at most this share of device memory (8 layers: at most 8%).
+# Measured at batch 240 in bf16: 14,164 mol/s stored (4.5 GB) against 11,588 recomputed
+# (1.6 GB), H200.
+STORE_MEMORY_FRACTION = 0.01
+_FALLBACK_DEVICE_BYTES = 16 << 30
+_FALLBACK_CACHE_BYTES = 8 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache in bytes as the OS reports it (Linux sysfs, macOS sysctl);
+    8 MB when it cannot be read."""
+    sizes = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    if os.path.isdir(base):
+        for entry in sorted(os.listdir(base)):
+            try:
+                with open(os.path.join(base, entry, "size")) as f:
+                    text = f.read().strip().upper()
+            except OSError:
+                continue
+            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+            if text and text[-1] in units and text[:-1].isdigit():
+                sizes.append(int(text[:-1]) * units[text[-1]])
+            elif text.isdigit():
+                sizes.append(int(text))
+    elif sys.platform == "darwin":
+        for key in ("hw.l3cachesize", "hw.l2cachesize"):
+            try:
+                out = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5)
+                if out.returncode == 0 and out.stdout.strip().isdigit() and int(out.stdout) > 0:
+                    sizes.append(int(out.stdout))
+            except (OSError, subprocess.SubprocessError):
+                pass
+    return max(sizes) if sizes else _FALLBACK_CACHE_BYTES
+
+
+@functools.lru_cache(maxsize=None)
+def device_memory_bytes() -> int:
+    """Memory of the default device as XLA reports it (16 GB when it does not)."""
+    import jax
+
+    try:
+        return int(jax.devices()[0].memory_stats()["bytes_limit"])
+    except Exception:  # CPUs and some plugins report no memory statistics
+        return _FALLBACK_DEVICE_BYTES
+
+
+def edge_chunk_rows(execution: Execution, num_rows: int, row_weights: int, group_row_weights: int,
+                    backend: str | None = None) -> int | None:
+    """Rows (bonds if edges are paired, else edges) per chunk, or None for no chunking.
+
+    ``row_weights``: radial weights per row of the whole layer; ``group_row_weights``: those of
+    its largest fusion group (what is live at once on a CPU).
+    """
+    itemsize = get_policy(execution.precision).compute_dtype.itemsize
+    shrink = 2 if execution.low_memory else 1
+    if execution.edge_chunk:
+        rows = execution.edge_chunk // 2 if execution.paired_edges else execution.edge_chunk
+    elif backend_kind(backend) == "cpu":
+        budget = CACHE_FRACTION * last_level_cache_bytes() / shrink
+        rows = _round_rows(budget / (group_row_weights * itemsize))
+    else:
+        budget = (execution.radial_memory_mb * (1 << 20) if execution.radial_memory_mb
+                  else CHUNK_MEMORY_FRACTION[execution.mode] * device_memory_bytes()) / shrink
+        layer_bytes = num_rows * row_weights * itemsize
+        if layer_bytes <= budget:
+            return None
+        # the fewest chunks that fit, evenly sized (rounded up to a multiple of 8 rows, which
+        # never adds a chunk): no mostly-empty last chunk
+        rows = math.ceil(num_rows / math.ceil(layer_bytes / budget))
+        rows += -rows % 8
+    rows = max(rows, 1)
+    return None if rows >= num_rows else rows
+
+
+def remat_radial(execution: Execution, num_rows: int, row_weights: int, chunked: bool,
+                 backend: str | None = None) -> bool:
+    """Whether to recompute the per-edge radial weights in the backward pass (``remat``
+    ``auto``: always on a CPU, where chunks keep them in cache, and whenever edges are
+    chunked; on a GPU, unless one layer's weights fit ``STORE_MEMORY_FRACTION`` of memory)."""
+    if execution.remat != "auto":
+        return execution.remat == "on"
+    if execution.low_memory or chunked or backend_kind(backend) == "cpu":
+        return True
+    layer_bytes = num_rows * row_weights * get_policy(execution.precision).compute_dtype.itemsize
+    return layer_bytes > STORE_MEMORY_FRACTION * device_memory_bytes()
+
+
+def _round_rows(rows: float) -> int:
+    """Round down to a multiple of 8 (16 and more) or a power of two below that."""
+    rows = int(rows)
+    if rows >= 16:
+        return rows - rows % 8
+    return 1 << max(rows.bit_length() - 1, 0)

@@ -1,0 +1,51 @@
+"""The measuring scripts run end to end at a tiny scale (their numbers are for the README, not
+for tests): the one-call GPU check and the input-pipeline benchmark."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"se3jax_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_runs_tiny_on_cpu(tmp_path, capsys):
+    gpu_check = load_script("gpu_check")
+    assert gpu_check.main(["--tiny", "--out", str(tmp_path), "--time-budget", "120",
+                           "--only", "infer b24 fp32 auto", "train b8 bf16 auto", "train b8 bf16 none"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["label"]: r for r in results["rows"]}
+    assert results["backend"] == "cpu" and results["jax"]
+    infer = rows["infer b24 fp32 auto"]
+    # fp32 on the device: invariant to float32 rounding (a real bug gives O(1) errors)
+    assert 0 <= infer["invariance_error"] < 1e-5 and infer["molecules_per_s"] > 0
+    train = rows["train b8 bf16 auto"]
+    assert train["resolved_level"] == "none" and train["resolved_remat"] is True
+    assert train["total_bytes"] > 0 and train["flops"] > 0 and train["compile_s"] > 0
+    assert sum(train["profile"]["classes"].values()) > 0
+    assert rows["train b8 bf16 none"]["section"] == "rejected"
+    skipped = [r for r in results["rows"] if r.get("skipped")]
+    assert not skipped  # --only ran exactly the rows asked for
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| infer b24 fp32 auto | partial_out |" in markdown and "Where the time goes" in markdown
+    assert "Where the time goes" in capsys.readouterr().out  # the table is printed last
+
+
+def test_loader_benchmark_measures_padded_batches(qm9_subset_cache):
+    benchmark = load_script("benchmark")
+    result = benchmark.loader_throughput(16, seconds=0.5, cache_dir=str(qm9_subset_cache), max_molecules=400)
+    assert result["molecules_per_s"] > 0 and result["batches_per_s"] > 0
+
+
+def test_benchmark_cli_rejects_unknown_precision():
+    benchmark = load_script("benchmark")
+    with pytest.raises(SystemExit):
+        benchmark.main(["--precision", "fp8"])

@@ -1,0 +1,114 @@
+"""The training loop's parts alone, with hand-computed expectations: the loss, the metrics
+window, the batch stream from a saved position, the schedule length, and the workdir rules
+(resuming under a changed config, metrics logged once per step)."""
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from se3jax.training import workdir as files
+from se3jax.training.loop import MetricsWindow, Position, canonical, training_batches
+from se3jax.training.steps import masked_l1
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_masked_l1_sums_real_graphs_only():
+    predictions = jnp.array([1.0, -2.0, 0.5, 100.0])
+    targets = jnp.array([0.0, 1.0, 0.5, 0.0])
+    total, count = masked_l1(predictions, targets, jnp.array([True, True, True, False]))
+    assert float(total) == 1.0 + 3.0 + 0.0 and float(count) == 3.0   # the padding graph is ignored
+
+
+def test_metrics_window_means_over_molecules_and_keeps_the_newest_in_flight():
+    window = MetricsWindow(fetch=lambda x: x)
+    window.add({"loss": 1.0, "num_graphs": 10.0})
+    window.add({"loss": 4.0, "num_graphs": 30.0})
+    window.add({"loss": 100.0, "num_graphs": 5.0})
+    m = window.flush(keep_newest=True)                   # the last step is not fetched yet
+    assert m["loss"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40) and m["molecules"] == 40
+    m = window.flush()
+    assert m["loss"] == 100.0 and m["molecules"] == 5 and m["molecules_per_s"] > 0
+    assert window.flush() is None                         # nothing left: no empty row
+
+
+class Loader:
+    """Epochs of 2, 3 and 2 batches; batch k of epoch e is (e, k)."""
+
+    lengths = (2, 3, 2)
+    closed = 0
+
+    def num_batches(self, epoch):
+        return self.lengths[epoch]
+
+    def epoch_batches(self, epoch, start):
+        loader = self
+
+        class Batches:
+            def __iter__(self):
+                return iter([(epoch, k) for k in range(start, loader.lengths[epoch])])
+
+            def close(self):
+                loader.closed += 1
+        return Batches()
+
+
+@pytest.mark.parametrize("start,expected_first,count", [
+    (Position(0, 0), (0, 0), 7), (Position(1, 2), (1, 2), 3), (Position(0, 2), (1, 0), 5),
+    (Position(3, 0), None, 0)])
+def test_training_batches_resume_from_any_position(start, expected_first, count):
+    loader = Loader()
+    items = list(training_batches(loader, start, num_epochs=3, put=lambda b: ("on device", b)))
+    assert len(items) == count
+    for position, batch, last in items:
+        assert batch == ("on device", tuple(position))
+        assert last == (position.batch + 1 == loader.lengths[position.epoch])
+    if items:
+        assert tuple(items[0][0]) == expected_first
+    assert canonical(Position(1, 3), loader.num_batches) == Position(2, 0)
+
+
+def test_schedule_length_counts_every_epochs_batches(qm9_subset):
+    """Epochs pack different numbers of batches: the cosine schedule spans their sum."""
+    from se3jax.data.loader import BatchLoader
+    from se3jax.graphs import PaddingBudget
+    idx = qm9_subset.splits["train"]
+    stats = qm9_subset.stats(idx)  # a budget for 16 average molecules: big ones close batches early
+    budget = PaddingBudget(int(16 * stats["mean_nodes"]) + 1, 2 * int(8 * stats["mean_edges"]), 17)
+    loader = BatchLoader(qm9_subset, idx, 16, budget, seed=0)
+    lengths = [loader.num_batches(e) for e in range(6)]
+    assert 6 * lengths[0] != sum(lengths), lengths  # the premise: packing varies with the shuffle
+    from se3jax.training.config import load_config_file
+    from se3jax.training.train import learning_rate_schedule, total_training_steps
+    config = load_config_file(REPO / "configs" / "test.py")
+    config.num_epochs = 6
+    assert total_training_steps(loader, config.num_epochs) == sum(lengths)
+    lr = learning_rate_schedule(config, sum(lengths))
+    floor = config.learning_rate * config.final_learning_rate_factor
+    # the learning rate reaches its floor exactly after the last step of the last epoch
+    assert float(lr(sum(lengths))) == pytest.approx(floor)
+    assert float(lr(sum(lengths) - 1)) > floor
+
+
+def test_resuming_under_a_changed_config_is_refused(tmp_path):
+    saved = {"seed": 0, "batch_size": 16, "num_epochs": 2, "log_every_steps": 5}
+    files.save_json(tmp_path / files.CONFIG_FILE, saved)
+    (tmp_path / files.CHECKPOINT_DIR / "4").mkdir(parents=True)
+    files.check_resumable(tmp_path, {**saved, "num_epochs": 10, "log_every_steps": 1})  # safe
+    with pytest.raises(ValueError, match=r"batch_size: 16 -> 32, seed: 0 -> 1.*new workdir"):
+        files.check_resumable(tmp_path, {**saved, "seed": 1, "batch_size": 32})
+    (tmp_path / files.CHECKPOINT_DIR / "4").rmdir()      # no checkpoint: any config may start
+    files.check_resumable(tmp_path, {**saved, "seed": 1})
+
+
+def test_metrics_after_the_restored_step_are_dropped(tmp_path):
+    rows = [{"step": s, "train_loss": 1.0 / s} for s in (2, 4, 6, 8)] + [{"step": 4, "val_mae": 0.5}]
+    (tmp_path / files.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert files.drop_metrics_after(tmp_path, 4) == 2
+    kept = [json.loads(line) for line in (tmp_path / files.METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in kept] == [2, 4, 4] and files.last_metrics_step(tmp_path) == 4
+    assert files.drop_metrics_after(tmp_path / "missing", 1) == 0
+    np.testing.assert_equal(files.config_changes({"a": 1, "b": 2}, {"a": 1, "c": 3}), ["b", "c"])
