@@ -30,8 +30,9 @@ from se3jax.execution import REMAT_CHOICES, Execution, FuseLevel  # noqa: E402
 from se3jax.precision import TRAINING_POLICIES  # noqa: E402
 
 
-def loader_throughput(batch_size: int, seconds: float = 5.0, cache_dir: str = "",
-                      max_molecules: int | None = None) -> dict:
+def loader_throughput(
+    batch_size: int, seconds: float = 5.0, cache_dir: str = "", max_molecules: int | None = None
+) -> dict:
     """Padded training batches per second from the cached QM9 dataset (one host process)."""
     from se3jax.data.loader import BatchLoader, budget_for
     from se3jax.data.qm9 import DEFAULT_CACHE_DIR, load_qm9
@@ -52,31 +53,48 @@ def loader_throughput(batch_size: int, seconds: float = 5.0, cache_dir: str = ""
         if time.perf_counter() - start > seconds:
             break
     elapsed = time.perf_counter() - start
-    return {"batch_size": batch_size, "dataset_load_s": load_s, "batches_per_s": batches / elapsed,
-            "molecules_per_s": molecules / elapsed}
+    return {
+        "batch_size": batch_size,
+        "dataset_load_s": load_s,
+        "batches_per_s": batches / elapsed,
+        "molecules_per_s": molecules / elapsed,
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fuse-level", nargs="+", default=["auto"], choices=[l.value for l in FuseLevel])
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=TRAINING_POLICIES)
-    parser.add_argument("--edge-chunk", nargs="+", type=int, default=[0],
-                        help="edges per chunk; 0 = the execution plan's choice")
+    parser.add_argument(
+        "--edge-chunk", nargs="+", type=int, default=[0], help="edges per chunk; 0 = the execution plan's choice"
+    )
     parser.add_argument("--radial-memory-mb", nargs="+", type=int, default=[Execution().radial_memory_mb])
     parser.add_argument("--low-memory", default="off", choices=["off", "on", "both"])
-    parser.add_argument("--remat", nargs="+", default=["auto"], choices=REMAT_CHOICES,
-                        help="recompute the per-edge radial weights in the backward pass")
-    parser.add_argument("--edges", nargs="+", default=["paired"], choices=["paired", "unpaired"],
-                        help="paired: radial weights once per bond (the QM9 pipeline's layout)")
-    parser.add_argument("--precompute-bases", action="store_true",
-                        help="feed precomputed edge harmonics (config.precompute_bases)")
+    parser.add_argument(
+        "--remat",
+        nargs="+",
+        default=["auto"],
+        choices=REMAT_CHOICES,
+        help="recompute the per-edge radial weights in the backward pass",
+    )
+    parser.add_argument(
+        "--edges",
+        nargs="+",
+        default=["paired"],
+        choices=["paired", "unpaired"],
+        help="paired: radial weights once per bond (the QM9 pipeline's layout)",
+    )
+    parser.add_argument(
+        "--precompute-bases", action="store_true", help="feed precomputed edge harmonics (config.precompute_bases)"
+    )
     parser.add_argument("--mode", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     parser.add_argument("--batch-size", nargs="+", type=int, default=[100])
     parser.add_argument("--num-layers", type=int, default=7, help="attention layers (QM9 model: 7)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rotations", type=int, default=0,
-                        help="also measure the invariance error over this many random rotations")
+    parser.add_argument(
+        "--rotations", type=int, default=0, help="also measure the invariance error over this many random rotations"
+    )
     parser.add_argument("--loader", action="store_true", help="measure the QM9 input pipeline instead")
     parser.add_argument("--cache-dir", default="", help="with --loader: the processed QM9 cache folder")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -85,21 +103,42 @@ def main(argv=None) -> int:
     if args.loader:
         results = [loader_throughput(b, cache_dir=args.cache_dir) for b in args.batch_size]
         for r in results:
-            print(f"loader, batch {r['batch_size']}: {r['batches_per_s']:,.1f} batches/s, "
-                  f"{r['molecules_per_s']:,.0f} molecules/s (dataset loaded in {r['dataset_load_s']:.2f} s)")
+            print(
+                f"loader, batch {r['batch_size']}: {r['batches_per_s']:,.1f} batches/s, "
+                f"{r['molecules_per_s']:,.0f} molecules/s (dataset loaded in {r['dataset_load_s']:.2f} s)"
+            )
     else:
         on_off = {"off": [False], "on": [True], "both": [False, True]}
         print(f"backend={jax.default_backend()} devices={jax.devices()} jax={jax.__version__}", flush=True)
         print(TABLE_HEADER, flush=True)
         results = []
         for mode, batch, level, precision, chunk, cap, low, remat, edges in itertools.product(
-                args.mode, args.batch_size, args.fuse_level, args.precision, args.edge_chunk,
-                args.radial_memory_mb, on_off[args.low_memory], args.remat, args.edges):
-            execution = Execution(fuse_level=level, precision=precision, edge_chunk=chunk,
-                                  radial_memory_mb=cap, low_memory=low, remat=remat,
-                                  paired_edges=edges == "paired")
-            setting = Setting(mode=mode, batch_size=batch, num_layers=args.num_layers,
-                              execution=execution, precompute_bases=args.precompute_bases)
+            args.mode,
+            args.batch_size,
+            args.fuse_level,
+            args.precision,
+            args.edge_chunk,
+            args.radial_memory_mb,
+            on_off[args.low_memory],
+            args.remat,
+            args.edges,
+        ):
+            execution = Execution(
+                fuse_level=level,
+                precision=precision,
+                edge_chunk=chunk,
+                radial_memory_mb=cap,
+                low_memory=low,
+                remat=remat,
+                paired_edges=edges == "paired",
+            )
+            setting = Setting(
+                mode=mode,
+                batch_size=batch,
+                num_layers=args.num_layers,
+                execution=execution,
+                precompute_bases=args.precompute_bases,
+            )
             r = measure(setting, args.steps, args.warmup, args.rotations)
             results.append(r)
             print(format_row(r), flush=True)

@@ -44,7 +44,7 @@ def settings(tiny: bool) -> list[tuple[str, Setting, dict]]:
         return Setting(mode=mode, batch_size=b(batch), execution=Execution(**execution), **model)
 
     rows = []
-    for precision in ("fp32", "tf32", "bf16", "fp16"):   # invariance on the device, per policy
+    for precision in ("fp32", "tf32", "bf16", "fp16"):  # invariance on the device, per policy
         rows.append(("auto", row("infer", INFER, precision=precision), {"rotations": 3}))
     for precision in ("bf16", "tf32", "fp32", "fp16"):
         options = {"profile": True} if precision == "bf16" else {}
@@ -64,11 +64,12 @@ def settings(tiny: bool) -> list[tuple[str, Setting, dict]]:
         row("infer", INFER, precision="bf16", radial_memory_mb=1024),
         row("train", TRAIN_LARGE, precision="bf16", remat="off"),
         row("train", TRAIN_SMALL, precision="tf32", fuse_level="none"),
+        row("train", TRAIN_SMALL, precision="bf16", kernel="pallas"),
+        row("infer", INFER, precision="bf16", kernel="pallas"),
     ]
     rows += [("rejected", s, {}) for s in rejected]
     # fp16 vs bf16: is it the loss-scale bookkeeping?
-    rows.append(("fp16", dataclasses.replace(row("train", TRAIN_SMALL, precision="fp16"),
-                                             loss_scaling=False), {}))
+    rows.append(("fp16", dataclasses.replace(row("train", TRAIN_SMALL, precision="fp16"), loss_scaling=False), {}))
     return rows
 
 
@@ -95,28 +96,39 @@ def qm9_loop(cache_dir: str, molecules: int, workdir: str, tiny: bool) -> dict:
     rows = [json.loads(line) for line in Path(workdir, METRICS_FILE).read_text().splitlines()]
     rates = [r["molecules_per_s"] for r in rows if "molecules_per_s" in r][1:]
     rates.sort()
-    return {"section": "qm9", "label": f"QM9 training loop, bf16 batch {config.batch_size}",
-            "steps": result["step"], "wall_s": time.perf_counter() - start,
-            "molecules_per_s": rates[len(rates) // 2] if rates else float("nan"),
-            "val_mae": result.get("val_mae")}
+    return {
+        "section": "qm9",
+        "label": f"QM9 training loop, bf16 batch {config.batch_size}",
+        "steps": result["step"],
+        "wall_s": time.perf_counter() - start,
+        "molecules_per_s": rates[len(rates) // 2] if rates else float("nan"),
+        "val_mae": result.get("val_mae"),
+    }
 
 
 def markdown(results: list[dict], header: str) -> str:
     lines = [header, ""]
-    for section, title in (("auto", "The auto plan"), ("rejected", "Settings the plan rejected"),
-                           ("fp16", "fp16 without loss scaling")):
+    for section, title in (
+        ("auto", "The auto plan"),
+        ("rejected", "Settings the plan rejected"),
+        ("fp16", "fp16 without loss scaling"),
+    ):
         rows = [r for r in results if r.get("section") == section and "molecules_per_s" in r]
         if rows:
             lines += [f"#### {title}", "", TABLE_HEADER] + [format_row(r) for r in rows] + [""]
     for r in results:
         if r.get("section") == "qm9":
-            lines.append(f"{r['label']} (auto plan): {r['molecules_per_s']:,.0f} molecules/s "
-                         f"over {r['steps']} steps")
+            lines.append(f"{r['label']} (auto plan): {r['molecules_per_s']:,.0f} molecules/s over {r['steps']} steps")
         if "profile" in r:
             p = r["profile"]
-            lines += ["", f"#### Where the time goes ({r['label']}: {p['step_s'] * 1e3:.1f} ms per step, "
-                          f"device busy {p['device_busy_s'] * 1e3:.1f} ms)", "",
-                      "| op class | ms per step | share of step |", "|---|---:|---:|"]
+            lines += [
+                "",
+                f"#### Where the time goes ({r['label']}: {p['step_s'] * 1e3:.1f} ms per step, "
+                f"device busy {p['device_busy_s'] * 1e3:.1f} ms)",
+                "",
+                "| op class | ms per step | share of step |",
+                "|---|---:|---:|",
+            ]
             lines += [f"| {name} | {s * 1e3:.2f} | {s / p['step_s']:.0%} |" for name, s in p["classes"].items()]
             lines.append(f"| host / idle | {p['host_or_idle_s'] * 1e3:.2f} | {p['host_or_idle_s'] / p['step_s']:.0%} |")
     skipped = [r["label"] for r in results if r.get("skipped")]
@@ -129,12 +141,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for results.json and results.md")
     parser.add_argument("--tiny", action="store_true", help="a 1-layer model on small batches (CPU test)")
-    parser.add_argument("--time-budget", type=float, default=330.0,
-                        help="seconds after which no new row is started")
+    parser.add_argument("--time-budget", type=float, default=330.0, help="seconds after which no new row is started")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--only", nargs="+", default=[],
-                        help="run only rows whose label contains one of these strings")
+    parser.add_argument("--only", nargs="+", default=[], help="run only rows whose label contains one of these strings")
     parser.add_argument("--qm9-cache", default="", help="a processed QM9 cache folder: also run the real loop")
     parser.add_argument("--qm9-molecules", type=int, default=0, help="the cache's max_molecules")
     args = parser.parse_args(argv)
@@ -142,16 +152,27 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0]
-    header = (f"### {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), "
-              f"JAX {jax.__version__}")
+    header = (
+        f"### {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), JAX {jax.__version__}"
+    )
     print(header, flush=True)
     start = time.perf_counter()
     results: list[dict] = []
 
     def save():
-        (out / "results.json").write_text(json.dumps(
-            {"device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-             "elapsed_s": time.perf_counter() - start, "rows": results}, indent=2, default=str))
+        (out / "results.json").write_text(
+            json.dumps(
+                {
+                    "device": device.device_kind,
+                    "backend": jax.default_backend(),
+                    "jax": jax.__version__,
+                    "elapsed_s": time.perf_counter() - start,
+                    "rows": results,
+                },
+                indent=2,
+                default=str,
+            )
+        )
         (out / "results.md").write_text(markdown(results, header))
 
     steps, warmup = (2, 1) if args.tiny else (args.steps, args.warmup)
@@ -163,8 +184,13 @@ def main(argv=None) -> int:
             continue
         try:
             with tempfile.TemporaryDirectory() as trace_dir:
-                r = measure(setting, steps, warmup, options.get("rotations", 0),
-                            profile_dir=trace_dir if options.get("profile") else None)
+                r = measure(
+                    setting,
+                    steps,
+                    warmup,
+                    options.get("rotations", 0),
+                    profile_dir=trace_dir if options.get("profile") else None,
+                )
         except Exception as error:  # one failing row must not lose the others
             r = {"label": setting.label, "error": f"{type(error).__name__}: {error}"}
             print(f"| {setting.label} | failed: {r['error'][:300]} |", flush=True)

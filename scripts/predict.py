@@ -28,8 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("workdir", type=Path)
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--batch-size", type=int, default=100, help="molecules per padded batch")
-    parser.add_argument("--precision", default=None, choices=TRAINING_POLICIES,
-                        help="compute precision (default: the training run's)")
+    parser.add_argument(
+        "--precision", default=None, choices=TRAINING_POLICIES, help="compute precision (default: the training run's)"
+    )
     parser.add_argument("--csv", type=Path, help="write the predictions as CSV")
     parser.add_argument("--json", type=Path, help="write the predictions (and errors) as JSON")
     parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
@@ -56,9 +57,17 @@ def main(argv=None) -> int:
             writer.writeheader()
             writer.writerows(rows)
     if args.json:
-        args.json.write_text(json.dumps({"task": predictor.task, "unit": predictor.unit,
-                                         "predictions": rows,
-                                         "errors": [dataclasses.asdict(e) for e in errors]}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "task": predictor.task,
+                    "unit": predictor.unit,
+                    "predictions": rows,
+                    "errors": [dataclasses.asdict(e) for e in errors],
+                },
+                indent=2,
+            )
+        )
     if not predictions:
         return 2
     return 1 if errors else 0

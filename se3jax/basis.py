@@ -39,13 +39,13 @@ def harmonics_dim(max_order: int) -> int:
     return (max_order + 1) ** 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _clebsch_gordan(d_in: int, d_out: int, order: int) -> np.ndarray:
     """CG_J[m_in, m_out, mJ] in e3nn's real basis, float64, computed once per triple."""
     return np.asarray(e3nn.clebsch_gordan(d_in, d_out, order), dtype=np.float64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def path_basis_matrix(d_in: int, d_out: int) -> np.ndarray:
     """Q of one path: ``Y[:, :(2 max(d)+1)^2] @ Q`` is basis ``[2d_in+1, F, 2d_out+1]`` flattened.
 
@@ -56,7 +56,7 @@ def path_basis_matrix(d_in: int, d_out: int) -> np.ndarray:
     for f in range(n_f):
         order = abs(d_in - d_out) + f
         cg = _clebsch_gordan(d_in, d_out, order)  # [m_in, m_out, mJ]
-        q[order**2:(order + 1) ** 2, :, f, :] = np.transpose(cg, (2, 0, 1))
+        q[order**2 : (order + 1) ** 2, :, f, :] = np.transpose(cg, (2, 0, 1))
     q.setflags(write=False)
     return q.reshape(q.shape[0], -1)
 
@@ -78,18 +78,23 @@ def safe_directions(vectors: jax.Array, eps: float = 1e-12):
 def stacked_harmonics(unit_vectors: jax.Array, max_order: int) -> jax.Array:
     """Real spherical harmonics Y_J(r̂) for J = 0..max_order, stacked: ``[E, (max_order+1)^2]``.
 
-    'component' normalisation: |Y_J|^2 = 2J + 1 on the unit sphere.
+    'integral' normalisation (the integral of Y_J^2 over the sphere is 1; Y_0 = 1/sqrt(4 pi)),
+    as the reference's bases.
     """
     irreps = e3nn.Irreps([(1, (order, (-1) ** order)) for order in range(max_order + 1)])
     # The sparse recursion writes its Clebsch-Gordan products as explicit sums, not matrix
     # products: the harmonics are float32-exact whatever matmul precision a backend (or a
     # user's global flag) defaults to.
-    return e3nn.spherical_harmonics(irreps, unit_vectors, normalize=False, normalization="component",
-                                    algorithm=("recursive", "sparse", "custom_jvp")).array
+    return e3nn.spherical_harmonics(
+        irreps,
+        unit_vectors,
+        normalize=False,
+        normalization="integral",
+        algorithm=("recursive", "sparse", "custom_jvp"),
+    ).array
 
 
-def edge_geometry(positions: jax.Array, senders: jax.Array, receivers: jax.Array,
-                  max_order: int):
+def edge_geometry(positions: jax.Array, senders: jax.Array, receivers: jax.Array, max_order: int):
     """Per-edge harmonics ``[E, (max_order+1)^2]`` and lengths ``[E]`` from node positions.
 
     Relative position is destination minus source. Translation invariant by construction.

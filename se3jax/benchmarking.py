@@ -33,7 +33,7 @@ from se3jax.training.steps import create_train_state, make_train_step
 class Setting:
     """One benchmark row: a workload (mode, batch size, model depth) and how it executes."""
 
-    mode: str = "train"            # train | infer
+    mode: str = "train"  # train | infer
     batch_size: int = 100
     num_layers: int = 7
     num_channels: int = 32
@@ -52,8 +52,13 @@ class Setting:
             parts.append(f"cap{e.radial_memory_mb}MB")
         if e.remat != default.remat:
             parts.append(f"remat-{e.remat}")
-        for flag, name in ((e.low_memory, "lowmem"),
-                           (not e.paired_edges, "unpaired"), (self.precompute_bases, "precomputed")):
+        if e.kernel != default.kernel:
+            parts.append(e.kernel)
+        for flag, name in (
+            (e.low_memory, "lowmem"),
+            (not e.paired_edges, "unpaired"),
+            (self.precompute_bases, "precomputed"),
+        ):
             if flag:
                 parts.append(name)
         if self.loss_scaling is False and get_policy(e.precision).needs_loss_scaling:
@@ -78,10 +83,13 @@ def memory_stats(compiled) -> dict:
     mem = compiled.memory_analysis()
     out = {}
     if mem is not None:
-        out.update(argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
-                   alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes)
-        out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
-                              + out["temp_bytes"])
+        out.update(
+            argument_bytes=mem.argument_size_in_bytes,
+            output_bytes=mem.output_size_in_bytes,
+            alias_bytes=mem.alias_size_in_bytes,
+            temp_bytes=mem.temp_size_in_bytes,
+        )
+        out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
     return out
 
 
@@ -111,8 +119,11 @@ def resolved_plan(setting: Setting, num_edges: int, backend: str | None = None) 
     rows = num_edges // 2 if e.paired_edges else num_edges
     chunk = edge_chunk_rows(e, rows, plan.n_weights, plan.max_group_row_weights, backend)
     remat = remat_radial(e, rows, plan.n_weights, chunk is not None, backend) if e.mode == "train" else None
-    return {"resolved_level": level.value, "resolved_remat": remat,
-            "resolved_chunk_edges": None if chunk is None else chunk * (2 if e.paired_edges else 1)}
+    return {
+        "resolved_level": level.value,
+        "resolved_remat": remat,
+        "resolved_chunk_edges": None if chunk is None else chunk * (2 if e.paired_edges else 1),
+    }
 
 
 @functools.lru_cache(maxsize=4)
@@ -122,8 +133,15 @@ def _initial_params(num_layers: int, num_channels: int, num_heads: int):
     return jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), example))
 
 
-def measure(setting: Setting, steps: int = 10, warmup: int = 2, rotations: int = 0,
-            seed: int = 0, count_flops: bool = True, profile_dir: str | None = None) -> dict:
+def measure(
+    setting: Setting,
+    steps: int = 10,
+    warmup: int = 2,
+    rotations: int = 0,
+    seed: int = 0,
+    count_flops: bool = True,
+    profile_dir: str | None = None,
+) -> dict:
     """Compile and time one setting. ``rotations > 0``: also the invariance error of the
     predictions (max relative error over that many random rotations of the whole batch).
     ``profile_dir``: also trace a few steps there and split their time by op class
@@ -136,21 +154,30 @@ def measure(setting: Setting, steps: int = 10, warmup: int = 2, rotations: int =
         host_batch = host_batch._replace(edges={**host_batch.edges, HARMONICS: np.asarray(edges.harmonics)})
     batch = jax.device_put(host_batch)
     num_molecules = int(np.sum(np.asarray(padding_masks(host_batch).graphs)))
-    model = SE3TransformerPooled(num_layers=setting.num_layers, num_channels=setting.num_channels,
-                                 num_heads=setting.num_heads, execution=e)
-    loss_scaling = (get_policy(e.precision).needs_loss_scaling if setting.loss_scaling is None
-                    else setting.loss_scaling)
-    result = {"label": setting.label, "mode": setting.mode, "batch_size": setting.batch_size,
-              "num_layers": setting.num_layers, **dataclasses.asdict(e),
-              "loss_scaling": loss_scaling, "precompute_bases": setting.precompute_bases,
-              "molecules": num_molecules, "num_nodes": int(host_batch.nodes[POSITIONS].shape[0]),
-              "num_edges": int(host_batch.senders.shape[0]), "backend": jax.default_backend(),
-              **resolved_plan(setting, int(host_batch.senders.shape[0]))}
+    model = SE3TransformerPooled(
+        num_layers=setting.num_layers, num_channels=setting.num_channels, num_heads=setting.num_heads, execution=e
+    )
+    loss_scaling = get_policy(e.precision).needs_loss_scaling if setting.loss_scaling is None else setting.loss_scaling
+    result = {
+        "label": setting.label,
+        "mode": setting.mode,
+        "batch_size": setting.batch_size,
+        "num_layers": setting.num_layers,
+        **dataclasses.asdict(e),
+        "loss_scaling": loss_scaling,
+        "precompute_bases": setting.precompute_bases,
+        "molecules": num_molecules,
+        "num_nodes": int(host_batch.nodes[POSITIONS].shape[0]),
+        "num_edges": int(host_batch.senders.shape[0]),
+        "backend": jax.default_backend(),
+        **resolved_plan(setting, int(host_batch.senders.shape[0])),
+    }
     optimizer = optax.adamw(2e-3, weight_decay=0.1)
     # parameters do not depend on the execution or the batch: initialise once per model size
     params = _initial_params(setting.num_layers, setting.num_channels, setting.num_heads)
-    state = create_train_state(model, optimizer, batch, jax.random.PRNGKey(0), loss_scaling=loss_scaling,
-                               params=jax.device_put(params))
+    state = create_train_state(
+        model, optimizer, batch, jax.random.PRNGKey(0), loss_scaling=loss_scaling, params=jax.device_put(params)
+    )
 
     def jitted(m):
         if setting.mode == "train":
@@ -177,21 +204,22 @@ def measure(setting: Setting, steps: int = 10, warmup: int = 2, rotations: int =
 
     times = time_steps(run, warmup, steps)
     median = statistics.median(times)
-    result.update(step_s=median, step_s_min=min(times), step_s_max=max(times),
-                  molecules_per_s=num_molecules / median)
+    result.update(step_s=median, step_s_min=min(times), step_s_max=max(times), molecules_per_s=num_molecules / median)
     if np.isfinite(result.get("flops", np.nan)):
         result["tflops_per_s"] = result["flops"] / median / 1e12
     if profile_dir:
         from se3jax.profiling import profile_compiled
+
         result["profile"] = profile_compiled(run, compiled.as_text(), profile_dir)
     if rotations:
         params = holder["state"].params if setting.mode == "train" else state.params
         apply = compiled if setting.mode == "infer" else jax.jit(model.clone(execution=e.for_mode("infer")).apply)
         real = np.asarray(padding_masks(host_batch).graphs)
         reference = np.asarray(apply(params, batch))[real]
-        errors = [relative_error(np.asarray(apply(params, jax.device_put(rotated(host_batch, r))))[real],
-                                 reference)
-                  for r in random_rotations(np.random.default_rng(seed + 1), rotations)]
+        errors = [
+            relative_error(np.asarray(apply(params, jax.device_put(rotated(host_batch, r))))[real], reference)
+            for r in random_rotations(np.random.default_rng(seed + 1), rotations)
+        ]
         result["invariance_error"] = max(errors)
     return result
 
@@ -199,10 +227,14 @@ def measure(setting: Setting, steps: int = 10, warmup: int = 2, rotations: int =
 def format_row(r: dict) -> str:
     mem = r.get("total_bytes", float("nan")) / 1e9
     inv = r.get("invariance_error")
-    return (f"| {r['label']} | {r.get('resolved_level', '')} | {r.get('resolved_chunk_edges') or 'none'} | "
-            f"{r['molecules_per_s']:,.0f} | {r['step_s'] * 1e3:.1f} | {r['compile_s']:.1f} | {mem:.2f} | "
-            f"{r.get('tflops_per_s', float('nan')):.2f} | {'' if inv is None else f'{inv:.1e}'} |")
+    return (
+        f"| {r['label']} | {r.get('resolved_level', '')} | {r.get('resolved_chunk_edges') or 'none'} | "
+        f"{r['molecules_per_s']:,.0f} | {r['step_s'] * 1e3:.1f} | {r['compile_s']:.1f} | {mem:.2f} | "
+        f"{r.get('tflops_per_s', float('nan')):.2f} | {'' if inv is None else f'{inv:.1e}'} |"
+    )
 
 
-TABLE_HEADER = ("| setting | level | edge chunk | molecules/s | step (ms) | compile (s) | XLA memory (GB) "
-                "| TFLOP/s | invariance error |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
+TABLE_HEADER = (
+    "| setting | level | edge chunk | molecules/s | step (ms) | compile (s) | XLA memory (GB) "
+    "| TFLOP/s | invariance error |\n|---|---|---|---:|---:|---:|---:|---:|---:|"
+)

@@ -26,10 +26,10 @@ from se3jax.precision import at_least_f32
 class EdgeInputs(NamedTuple):
     """What the layers read per edge ``e`` (``senders[e] -> receivers[e]``)."""
 
-    senders: jax.Array    # [E] int
+    senders: jax.Array  # [E] int
     receivers: jax.Array  # [E] int
-    mask: jax.Array       # [E] bool: True for real edges, False for padding
-    scalars: jax.Array    # [E, S] radial network input: edge features, then the edge length
+    mask: jax.Array  # [E] bool: True for real edges, False for padding
+    scalars: jax.Array  # [E, S] radial network input: edge features, then the edge length
     harmonics: jax.Array  # [E, (2 max_degree + 1)^2] spherical harmonics of orders 0..2 max_degree
 
     @property
@@ -39,9 +39,15 @@ class EdgeInputs(NamedTuple):
         return order // 2
 
 
-def edge_inputs(positions: jax.Array, senders: jax.Array, receivers: jax.Array, max_degree: int,
-                edge_features: jax.Array | None = None, mask: jax.Array | None = None,
-                harmonics: jax.Array | None = None) -> EdgeInputs:
+def edge_inputs(
+    positions: jax.Array,
+    senders: jax.Array,
+    receivers: jax.Array,
+    max_degree: int,
+    edge_features: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    harmonics: jax.Array | None = None,
+) -> EdgeInputs:
     """The per-edge inputs for features of degrees up to ``max_degree``.
 
     The relative position of edge ``e`` is ``positions[receivers[e]] - positions[senders[e]]``
@@ -55,15 +61,16 @@ def edge_inputs(positions: jax.Array, senders: jax.Array, receivers: jax.Array, 
     if harmonics is not None:
         expected = (senders.shape[0], harmonics_dim(2 * max_degree))
         if tuple(harmonics.shape) != expected:
-            raise ValueError(f"precomputed edge harmonics have shape {tuple(harmonics.shape)}, "
-                             f"expected {list(expected)} for degrees up to {max_degree}")
+            raise ValueError(
+                f"precomputed edge harmonics have shape {tuple(harmonics.shape)}, "
+                f"expected {list(expected)} for degrees up to {max_degree}"
+            )
         computed = at_least_f32(harmonics)
     scalars = lengths[:, None]
     if edge_features is not None:
         edge_features = at_least_f32(edge_features)
         if edge_features.ndim != 2 or edge_features.shape[0] != senders.shape[0]:
-            raise ValueError(f"edge features must be [E={senders.shape[0]}, F], got "
-                             f"{tuple(edge_features.shape)}")
+            raise ValueError(f"edge features must be [E={senders.shape[0]}, F], got {tuple(edge_features.shape)}")
         scalars = jnp.concatenate([edge_features, scalars.astype(edge_features.dtype)], axis=-1)
     if mask is None:
         mask = jnp.ones(senders.shape[0], bool)

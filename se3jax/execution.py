@@ -32,9 +32,10 @@ from se3jax.precision import POLICIES, get_policy
 
 MODES = ("train", "infer")
 REMAT_CHOICES = ("auto", "on", "off")
+KERNELS = ("auto", "xla", "pallas")
 
 
-class FuseLevel(str, enum.Enum):
+class FuseLevel(enum.StrEnum):
     """How a convolution groups its (d_in, d_out) paths (se3jax.layers.convolution)."""
 
     NONE = "none"
@@ -63,6 +64,9 @@ class Execution:
       decides per backend and size (:func:`remat_radial`).
     - ``paired_edges``: edges ``2k, 2k+1`` are the two directions of one bond (what the
       se3jax graph builders emit); the radial weights are then computed once per bond.
+    - ``kernel``: how a fusion group contracts its per-edge radial weights: ``xla`` (einsums),
+      ``pallas`` (se3jax.layers.fused_kernel: the weights never leave the chip) or ``auto``
+      (:func:`resolve_kernel`).
     - ``mode``: ``train`` or ``infer``: which measured preference ``auto`` follows.
     """
 
@@ -73,6 +77,7 @@ class Execution:
     low_memory: bool = False
     remat: str = "auto"
     paired_edges: bool = True
+    kernel: str = "auto"
     mode: str = "train"
 
     def __post_init__(self):
@@ -81,6 +86,8 @@ class Execution:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {POLICIES}")
         if self.remat not in REMAT_CHOICES:
             raise ValueError(f"unknown remat {self.remat!r}; choose one of {REMAT_CHOICES}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {self.kernel!r}; choose one of {KERNELS}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}")
         if self.edge_chunk < 0 or self.radial_memory_mb < 0:
@@ -88,11 +95,11 @@ class Execution:
         # a FuseLevel member and its string must give the same (hashable) Execution
         object.__setattr__(self, "fuse_level", FuseLevel(self.fuse_level).value)
 
-    def for_mode(self, mode: str) -> "Execution":
+    def for_mode(self, mode: str) -> Execution:
         """The same options for another mode (e.g. evaluation steps of a training run)."""
         return dataclasses.replace(self, mode=mode)
 
-    def replace(self, **changes) -> "Execution":
+    def replace(self, **changes) -> Execution:
         return dataclasses.replace(self, **changes)
 
 
@@ -103,26 +110,36 @@ def allowed_levels(fiber_in: Fiber, fiber_out: Fiber) -> tuple[FuseLevel, ...]:
         levels.append(FuseLevel.PARTIAL_OUT)
     if fiber_out.uniform_channels is not None and len(fiber_out.degrees) > 1:
         levels.append(FuseLevel.PARTIAL_IN)
-    if (fiber_in.uniform_channels is not None and fiber_out.uniform_channels is not None
-            and len(fiber_in.degrees) * len(fiber_out.degrees) > 1):
+    if (
+        fiber_in.uniform_channels is not None
+        and fiber_out.uniform_channels is not None
+        and len(fiber_in.degrees) * len(fiber_out.degrees) > 1
+    ):
         levels.append(FuseLevel.FULL)
     return tuple(levels)
 
 
 # Fastest level per (backend, mode), first allowed one wins.
-# CPU, 2-core AMD EPYC (Zen 4), `scripts/benchmark.py --fuse-level ...`, QM9 model, paired
-# edges, fp32: training none > partial_out > partial_in > full (wider groups do up to 10x the
-# multiply-adds of the per-path form, see the README); inference partial_out > none.
+# CPU, 2-core AMD EPYC (Zen 4, 32 MB L3), `scripts/benchmark.py`, QM9 model, paired edges,
+# fp32, chunks from the cache rule: training at batch 240 none 38.3 mol/s > partial_out 19.9;
+# inference at batch 1600 none 109 > partial_out 88 (wider groups do up to 10x the
+# multiply-adds of the per-path form, README "Execution plan").
 # GPU, H200, `scripts/gpu_check.py` (README tables), bf16: training at batch 240
 # partial_out 11,588 mol/s > none 8,789 > full 8,538 > partial_in 8,255 (tf32: partial_out
 # 7,914 > none 6,674); inference at batch 1600 partial_out 57,747 > none 49,898 > full 35,418.
 _PREFERENCE = {
     ("cpu", "train"): (FuseLevel.NONE,),
-    ("cpu", "infer"): (FuseLevel.PARTIAL_OUT, FuseLevel.NONE),
+    ("cpu", "infer"): (FuseLevel.NONE,),
     ("gpu", "train"): (FuseLevel.PARTIAL_OUT, FuseLevel.PARTIAL_IN, FuseLevel.NONE),
     ("gpu", "infer"): (FuseLevel.PARTIAL_OUT, FuseLevel.NONE, FuseLevel.PARTIAL_IN),
 }
 _WIDEST_FIRST = (FuseLevel.FULL, FuseLevel.PARTIAL_OUT, FuseLevel.PARTIAL_IN, FuseLevel.NONE)
+
+
+def resolve_kernel(execution: Execution) -> str:
+    """``auto`` -> ``xla``: the Pallas kernel runs where a setting asks for it, until a GPU
+    measurement (``scripts/gpu_check.py``) shows it faster than XLA's einsums."""
+    return "xla" if execution.kernel == "auto" else execution.kernel
 
 
 def backend_kind(backend: str | None = None) -> str:
@@ -132,8 +149,9 @@ def backend_kind(backend: str | None = None) -> str:
     return "cpu" if (backend or jax.default_backend()) == "cpu" else "gpu"
 
 
-def resolve_fuse_level(level: "FuseLevel | str", fiber_in: Fiber, fiber_out: Fiber,
-                       backend: str | None = None, mode: str = "train") -> FuseLevel:
+def resolve_fuse_level(
+    level: FuseLevel | str, fiber_in: Fiber, fiber_out: Fiber, backend: str | None = None, mode: str = "train"
+) -> FuseLevel:
     """``auto`` -> the preferred allowed level for the backend and mode. A forced level the
     fibers cannot do falls back to the widest one they can: a model-wide setting must still
     work on layers with ragged fibers (the first and last)."""
@@ -142,17 +160,18 @@ def resolve_fuse_level(level: "FuseLevel | str", fiber_in: Fiber, fiber_out: Fib
     if level == FuseLevel.AUTO:
         preference = _PREFERENCE[(backend_kind(backend), mode)]
         return next((l for l in preference if l in allowed), FuseLevel.NONE)
-    return next(l for l in _WIDEST_FIRST[_WIDEST_FIRST.index(level):] if l in allowed)
+    return next(l for l in _WIDEST_FIRST[_WIDEST_FIRST.index(level) :] if l in allowed)
 
 
 # ---------------------------------------------------------------------------------------------
 # Edge chunks
 
-# CPU: the largest radial weight block (one group's weights for the chunk's rows) takes about
-# half of the last-level cache, so it is still cached when the contraction reads it. Measured
-# on the 2-core Zen 4 (32 MB L3), training at batch 100 by chunk (edges): 128 -> 15.8 mol/s,
-# 512 -> 25.0, 1024 -> 25.9; the rule gives 1,024 there (README, "Execution plan").
-CACHE_FRACTION = 0.5
+# CPU: the largest radial weight block (one group's weights for a chunk's rows) fills the
+# last-level cache, and the rows are split into even chunks (no mostly-padding last chunk).
+# Measured on the 2-core Zen 4 (32 MB L3), training at batch 240 by chunk (edges): 1,024 ->
+# 33.0 mol/s, 2,016 (the rule) -> 38.3, 4,096 -> 26.9; at batch 100: 1,024 -> 28.4, 2,112
+# (the rule) -> 34.1 (README, "Execution plan").
+CACHE_FRACTION = 1.0
 # GPU: the per-layer radial weights stay unchunked up to this share of the device's memory
 # (H200, 141 GB: 3.5 GB training / 7 GB inference; H100, 80 GB: 2 GB / 4 GB). Chunks cost
 # speed: training at batch 1000 in bf16 (1.9 GB of weights per layer) measured 16,466 mol/s
@@ -168,7 +187,7 @@ _FALLBACK_DEVICE_BYTES = 16 << 30
 _FALLBACK_CACHE_BYTES = 8 << 20
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def last_level_cache_bytes() -> int:
     """The CPU's largest cache in bytes as the OS reports it (Linux sysfs, macOS sysctl);
     8 MB when it cannot be read."""
@@ -197,7 +216,7 @@ def last_level_cache_bytes() -> int:
     return max(sizes) if sizes else _FALLBACK_CACHE_BYTES
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_memory_bytes() -> int:
     """Memory of the default device as XLA reports it (16 GB when it does not)."""
     import jax
@@ -208,8 +227,9 @@ def device_memory_bytes() -> int:
         return _FALLBACK_DEVICE_BYTES
 
 
-def edge_chunk_rows(execution: Execution, num_rows: int, row_weights: int, group_row_weights: int,
-                    backend: str | None = None) -> int | None:
+def edge_chunk_rows(
+    execution: Execution, num_rows: int, row_weights: int, group_row_weights: int, backend: str | None = None
+) -> int | None:
     """Rows (bonds if edges are paired, else edges) per chunk, or None for no chunking.
 
     ``row_weights``: radial weights per row of the whole layer; ``group_row_weights``: those of
@@ -221,23 +241,33 @@ def edge_chunk_rows(execution: Execution, num_rows: int, row_weights: int, group
         rows = execution.edge_chunk // 2 if execution.paired_edges else execution.edge_chunk
     elif backend_kind(backend) == "cpu":
         budget = CACHE_FRACTION * last_level_cache_bytes() / shrink
-        rows = _round_rows(budget / (group_row_weights * itemsize))
+        rows = _even_rows(num_rows, _round_rows(budget / (group_row_weights * itemsize)))
     else:
-        budget = (execution.radial_memory_mb * (1 << 20) if execution.radial_memory_mb
-                  else CHUNK_MEMORY_FRACTION[execution.mode] * device_memory_bytes()) / shrink
+        budget = (
+            execution.radial_memory_mb * (1 << 20)
+            if execution.radial_memory_mb
+            else CHUNK_MEMORY_FRACTION[execution.mode] * device_memory_bytes()
+        ) / shrink
         layer_bytes = num_rows * row_weights * itemsize
         if layer_bytes <= budget:
             return None
-        # the fewest chunks that fit, evenly sized (rounded up to a multiple of 8 rows, which
-        # never adds a chunk): no mostly-empty last chunk
-        rows = math.ceil(num_rows / math.ceil(layer_bytes / budget))
-        rows += -rows % 8
+        rows = _even_rows(num_rows, int(num_rows * budget / layer_bytes))
     rows = max(rows, 1)
     return None if rows >= num_rows else rows
 
 
-def remat_radial(execution: Execution, num_rows: int, row_weights: int, chunked: bool,
-                 backend: str | None = None) -> bool:
+def _even_rows(num_rows: int, max_rows: int) -> int:
+    """The fewest chunks of at most ``max_rows`` rows, evenly sized (rounded up to a multiple of
+    8 rows, which never adds a chunk): no mostly-empty last chunk of padding."""
+    if max_rows >= num_rows:
+        return num_rows
+    rows = math.ceil(num_rows / math.ceil(num_rows / max(max_rows, 1)))
+    return rows + (-rows % 8 if rows >= 8 else 0)
+
+
+def remat_radial(
+    execution: Execution, num_rows: int, row_weights: int, chunked: bool, backend: str | None = None
+) -> bool:
     """Whether to recompute the per-edge radial weights in the backward pass (``remat``
     ``auto``: always on a CPU, where chunks keep them in cache, and whenever edges are
     chunked; on a GPU, unless one layer's weights fit ``STORE_MEMORY_FRACTION`` of memory)."""

@@ -13,10 +13,11 @@ Fiber({0: 6, 1: 4})
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 # Per-degree node (or edge) features: degree d -> array [N, C_d, 2d + 1].
-Features = Dict[int, Any]
+Features = dict[int, Any]
 
 
 def degree_dim(degree: int) -> int:
@@ -43,7 +44,7 @@ class Fiber:
         object.__setattr__(self, "structure", items)
 
     @classmethod
-    def create(cls, num_degrees: int, channels: int) -> "Fiber":
+    def create(cls, num_degrees: int, channels: int) -> Fiber:
         """Degrees ``0 .. num_degrees - 1``, each with ``channels`` channels."""
         return cls({d: channels for d in range(num_degrees)})
 
@@ -88,17 +89,17 @@ class Fiber:
     def items(self) -> tuple[tuple[int, int], ...]:
         return self.structure
 
-    def __add__(self, other: "Fiber") -> "Fiber":
+    def __add__(self, other: Fiber) -> Fiber:
         """Union of degrees; channels of a shared degree add up (concatenation)."""
         merged = dict(self.structure)
         for d, c in other.structure:
             merged[d] = merged.get(d, 0) + c
         return Fiber(merged)
 
-    def __floordiv__(self, divisor: int) -> "Fiber":
+    def __floordiv__(self, divisor: int) -> Fiber:
         return Fiber({d: max(c // divisor, 1) for d, c in self.structure})
 
-    def restrict(self, degrees) -> "Fiber":
+    def restrict(self, degrees) -> Fiber:
         """The degrees of this fiber that are also in ``degrees``."""
         keep = set(degrees)
         return Fiber({d: c for d, c in self.structure if d in keep})

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,7 @@ POSITIONS = "positions"
 FEATURES = "features"
 HARMONICS = "harmonics"
 TARGET = "target"
+MIN_EDGE_LENGTH = 1e-3  # a real edge shorter than this joins (nearly) coincident points: an error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +54,12 @@ class PaddingBudget:
             raise ValueError(f"PaddingBudget needs n_node >= 2, n_edge >= 1, n_graph >= 2: {self}")
 
     @classmethod
-    def for_batch(cls, batch_size: int, mean_nodes: float, mean_edges: float,
-                  max_nodes: int, max_edges: int, slack: float = 1.1) -> "PaddingBudget":
+    def for_batch(
+        cls, batch_size: int, mean_nodes: float, mean_edges: float, max_nodes: int, max_edges: int, slack: float = 1.1
+    ) -> PaddingBudget:
         """A budget that holds ``batch_size`` typical molecules (plus ``slack``) and always
         at least one of the largest, rounded up to multiples of 64 for friendlier shapes."""
+
         def round_up(x: float) -> int:
             return int(math.ceil(x / 64.0) * 64)
 
@@ -68,8 +72,9 @@ class PaddingBudget:
         return n_node < self.n_node and n_edge <= self.n_edge and n_graph < self.n_graph
 
 
-def molecule_graph(positions, node_features, senders, receivers, edge_features,
-                   globals_: dict | None = None) -> jraph.GraphsTuple:
+def molecule_graph(
+    positions, node_features, senders, receivers, edge_features, globals_: dict | None = None
+) -> jraph.GraphsTuple:
     """One unpadded molecule as a GraphsTuple of numpy arrays (float32 / int32)."""
     positions = np.asarray(positions, np.float32).reshape(-1, 3)
     node_features = np.asarray(node_features, np.float32)
@@ -89,8 +94,7 @@ def molecule_graph(positions, node_features, senders, receivers, edge_features,
     )
 
 
-def pad_to_budget(graphs: jraph.GraphsTuple | Sequence[jraph.GraphsTuple],
-                  budget: PaddingBudget) -> jraph.GraphsTuple:
+def pad_to_budget(graphs: jraph.GraphsTuple | Sequence[jraph.GraphsTuple], budget: PaddingBudget) -> jraph.GraphsTuple:
     """Batch (if given a list) and pad to ``budget``; a clear error if it does not fit.
 
     Returns numpy arrays in the model's dtypes: floats as float32, indices and counts as
@@ -101,22 +105,21 @@ def pad_to_budget(graphs: jraph.GraphsTuple | Sequence[jraph.GraphsTuple],
         if not graphs:
             raise ValueError("pad_to_budget got an empty list of graphs")
         graphs = jraph.batch_np(graphs)
-    n_node, n_edge, n_graph = (int(np.sum(graphs.n_node)), int(np.sum(graphs.n_edge)),
-                               len(graphs.n_node))
+    n_node, n_edge, n_graph = (int(np.sum(graphs.n_node)), int(np.sum(graphs.n_edge)), len(graphs.n_node))
     if not budget.fits(n_node, n_edge, n_graph):
         raise ValueError(
             f"batch of {n_graph} graphs with {n_node} nodes and {n_edge} edges does not fit the "
-            f"padding budget {budget} (one node and one graph are reserved for padding)")
+            f"padding budget {budget} (one node and one graph are reserved for padding)"
+        )
     padded = jraph.pad_with_graphs(graphs, budget.n_node, budget.n_edge, budget.n_graph)
-    return jax.tree.map(lambda x: np.asarray(x, np.float32 if np.asarray(x).dtype.kind == "f" else np.int32),
-                        padded)
+    return jax.tree.map(lambda x: np.asarray(x, np.float32 if np.asarray(x).dtype.kind == "f" else np.int32), padded)
 
 
 class PaddingMasks(NamedTuple):
     """True for real entries, False for padding."""
 
-    nodes: jax.Array   # [N] bool
-    edges: jax.Array   # [E] bool
+    nodes: jax.Array  # [N] bool
+    edges: jax.Array  # [E] bool
     graphs: jax.Array  # [G] bool
 
 
@@ -140,8 +143,7 @@ def padding_masks(graphs: jraph.GraphsTuple) -> PaddingMasks:
 def node_graph_index(graphs: jraph.GraphsTuple) -> jax.Array:
     """For every node, the index of its graph ([N] int32). jit-safe."""
     n_total = graphs.nodes[POSITIONS].shape[0]
-    return jnp.repeat(jnp.arange(graphs.n_node.shape[0]), jnp.asarray(graphs.n_node),
-                      total_repeat_length=n_total)
+    return jnp.repeat(jnp.arange(graphs.n_node.shape[0]), jnp.asarray(graphs.n_node), total_repeat_length=n_total)
 
 
 def edges_are_paired(graphs: jraph.GraphsTuple) -> jax.Array:
@@ -152,16 +154,14 @@ def edges_are_paired(graphs: jraph.GraphsTuple) -> jax.Array:
     if s.shape[0] % 2:
         return jnp.array(False)
     f = jnp.asarray(graphs.edges[FEATURES])
-    return (jnp.all(s[0::2] == r[1::2]) & jnp.all(r[0::2] == s[1::2])
-            & jnp.all(f[0::2] == f[1::2]))
+    return jnp.all(s[0::2] == r[1::2]) & jnp.all(r[0::2] == s[1::2]) & jnp.all(f[0::2] == f[1::2])
 
 
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def validate_graphs(graphs, node_features_dim: int, edge_features_dim: int,
-                    paired_edges: bool = True) -> None:
+def validate_graphs(graphs, node_features_dim: int, edge_features_dim: int, paired_edges: bool = True) -> None:
     """Check a model input and raise a ``ValueError`` that names the problem.
 
     Shape and dtype checks always run (shapes are static under ``jit``); value checks
@@ -181,19 +181,27 @@ def validate_graphs(graphs, node_features_dim: int, edge_features_dim: int,
     if pos.ndim != 2 or pos.shape[1] != 3:
         raise ValueError(f"positions must have shape [N, 3], got {tuple(pos.shape)}")
     if feat.shape != (n, node_features_dim):
-        raise ValueError(f"node features must have shape [N={n}, {node_features_dim}] for this model, "
-                         f"got {tuple(feat.shape)}")
+        raise ValueError(
+            f"node features must have shape [N={n}, {node_features_dim}] for this model, got {tuple(feat.shape)}"
+        )
     if efeat.shape != (e, edge_features_dim):
-        raise ValueError(f"edge features must have shape [E={e}, {edge_features_dim}] for this model, "
-                         f"got {tuple(efeat.shape)}")
+        raise ValueError(
+            f"edge features must have shape [E={e}, {edge_features_dim}] for this model, got {tuple(efeat.shape)}"
+        )
     if graphs.receivers.shape != (e,):
-        raise ValueError(f"senders {tuple(graphs.senders.shape)} and receivers "
-                         f"{tuple(graphs.receivers.shape)} must both have shape [E]")
+        raise ValueError(
+            f"senders {tuple(graphs.senders.shape)} and receivers "
+            f"{tuple(graphs.receivers.shape)} must both have shape [E]"
+        )
     for name, arr in ((POSITIONS, pos), ("node features", feat), ("edge features", efeat)):
         if not jnp.issubdtype(arr.dtype, jnp.floating):
             raise ValueError(f"{name} must be floating point, got {arr.dtype}")
-    for name, arr in (("senders", graphs.senders), ("receivers", graphs.receivers),
-                      ("n_node", graphs.n_node), ("n_edge", graphs.n_edge)):
+    for name, arr in (
+        ("senders", graphs.senders),
+        ("receivers", graphs.receivers),
+        ("n_node", graphs.n_node),
+        ("n_edge", graphs.n_edge),
+    ):
         if not jnp.issubdtype(arr.dtype, jnp.integer):
             raise ValueError(f"{name} must be integers, got {arr.dtype}")
     if paired_edges and graphs.senders.shape[0] % 2:
@@ -218,23 +226,41 @@ def check_values(graphs: jraph.GraphsTuple, paired_edges: bool = True) -> None:
     bad = ~np.isfinite(pos).all(axis=1)
     if bad.any():
         raise ValueError(f"positions of node(s) {np.flatnonzero(bad)[:10].tolist()} are NaN or infinite")
-    if not (np.isfinite(np.asarray(graphs.nodes[FEATURES])).all()
-            and np.isfinite(np.asarray(graphs.edges[FEATURES])).all()):
+    if not (
+        np.isfinite(np.asarray(graphs.nodes[FEATURES])).all() and np.isfinite(np.asarray(graphs.edges[FEATURES])).all()
+    ):
         raise ValueError("node or edge features contain NaN or infinite values")
     if int(np.sum(graphs.n_node)) != n or int(np.sum(graphs.n_edge)) != e:
-        raise ValueError(f"n_node sums to {int(np.sum(graphs.n_node))} and n_edge to "
-                         f"{int(np.sum(graphs.n_edge))}, but there are {n} nodes and {e} edges")
+        raise ValueError(
+            f"n_node sums to {int(np.sum(graphs.n_node))} and n_edge to "
+            f"{int(np.sum(graphs.n_edge))}, but there are {n} nodes and {e} edges"
+        )
     senders, receivers = np.asarray(graphs.senders), np.asarray(graphs.receivers)
     for name, idx in (("senders", senders), ("receivers", receivers)):
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise ValueError(f"{name} index out of range [0, {n}): min {idx.min()}, max {idx.max()}")
     if paired_edges:
         features = np.asarray(graphs.edges[FEATURES])
-        paired = (e % 2 == 0 and np.array_equal(senders[0::2], receivers[1::2])
-                  and np.array_equal(receivers[0::2], senders[1::2])
-                  and np.array_equal(features[0::2], features[1::2]))
+        paired = (
+            e % 2 == 0
+            and np.array_equal(senders[0::2], receivers[1::2])
+            and np.array_equal(receivers[0::2], senders[1::2])
+            and np.array_equal(features[0::2], features[1::2])
+        )
         if not paired:
-            raise ValueError("the model expects paired edges (edges 2k and 2k+1 are the two directions "
-                             "of one bond, with equal features), but these graphs are not paired; build "
-                             "them with se3jax.data.molecule_to_graph or run the model with "
-                             "Execution(paired_edges=False)")
+            raise ValueError(
+                "the model expects paired edges (edges 2k and 2k+1 are the two directions "
+                "of one bond, with equal features), but these graphs are not paired; build "
+                "them with se3jax.data.molecule_to_graph or run the model with "
+                "Execution(paired_edges=False)"
+            )
+    real_edges = np.asarray(padding_masks(graphs).edges)
+    lengths = np.linalg.norm(pos[receivers] - pos[senders], axis=-1)
+    short = np.flatnonzero(real_edges & (lengths < MIN_EDGE_LENGTH))
+    if short.size:
+        e = int(short[0])
+        raise ValueError(
+            f"edge {e} joins nodes {int(senders[e])} and {int(receivers[e])}, which are "
+            f"{lengths[e]:.2e} apart: coincident points have no direction (need at least "
+            f"{MIN_EDGE_LENGTH})"
+        )

@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +29,22 @@ import numpy as np
 
 from se3jax.data.loader import pack_batches
 from se3jax.data.molecules import molecule_to_graph, node_features
-from se3jax.graphs import (FEATURES, POSITIONS, PaddingBudget, molecule_graph, pad_to_budget, padding_masks,
-                           validate_graphs)
+from se3jax.data.qm9 import QM9_SIZES, Normalisation
+from se3jax.graphs import (
+    FEATURES,
+    POSITIONS,
+    PaddingBudget,
+    molecule_graph,
+    node_graph_index,
+    pad_to_budget,
+    padding_masks,
+    validate_graphs,
+)
+from se3jax.layers.pooling import SMOOTH_POOLINGS
 from se3jax.model import SE3TransformerPooled
-from se3jax.training.checkpoints import CheckpointError, Checkpointer
+from se3jax.training.checkpoints import Checkpointer, CheckpointError
 from se3jax.training.config import model_kwargs
 from se3jax.training.workdir import CHECKPOINT_DIR, CONFIG_FILE, NORMALISATION_FILE
-
-# QM9's molecule sizes (mean/max atoms and directed bond edges): the default padding budget.
-QM9_SIZES = dict(mean_nodes=18.03, mean_edges=37.31, max_nodes=29, max_edges=56)
 
 
 def budget_for_batch(batch_size: int, **sizes) -> PaddingBudget:
@@ -51,39 +59,81 @@ class Predictor:
 
     model: SE3TransformerPooled
     params: Any
-    task: str
-    unit: str
-    mean: float
-    std: float
+    normalisation: Normalisation
     budget: PaddingBudget
+
+    @property
+    def task(self) -> str:
+        return self.normalisation.task
+
+    @property
+    def unit(self) -> str:
+        return self.normalisation.unit
 
     def predict(self, params, graphs: jraph.GraphsTuple) -> jax.Array:
         """Predictions ``[G]`` in the target's unit for padded ``graphs`` (padding graphs: 0).
-        Pure and traceable: safe under jit, vmap and grad."""
-        graph_mask = padding_masks(graphs).graphs
-        out = self.model.apply(params, graphs) * self.std + self.mean
-        return jnp.where(graph_mask, out, 0.0)
+        Pure and traceable: safe under jit, vmap and grad. Inside ``jit`` only shapes and
+        dtypes are checked; :meth:`predict_molecules` checks values on the host first."""
+        masks = padding_masks(graphs)
+        norm = self.normalisation
+        out = self.model.apply(params, graphs) * norm.std + norm.mean
+        if norm.atom_reference:  # extensive targets: add the atoms' reference values
+            z = jnp.asarray(graphs.nodes[FEATURES])[:, -1].astype(jnp.int32)  # the atomic number
+            per_atom = jnp.where(masks.nodes, jnp.asarray(norm.reference_table(), out.dtype)[z], 0.0)
+            out = out + jax.ops.segment_sum(per_atom, node_graph_index(graphs), out.shape[0])
+        return jnp.where(masks.graphs, out, 0.0)
+
+    @property
+    def smooth_gradients(self) -> bool:
+        """Whether predictions are smooth in the positions. With max pooling (the HOMO recipe)
+        they are not: where symmetry-equivalent atoms tie for the maximum, rounding picks one
+        and the gradient jumps (by ~100% under a rotation of such a molecule) while the
+        prediction stays invariant. Sum, mean and softmax pooling are smooth."""
+        return self.model.pooling in SMOOTH_POOLINGS
+
+    def forces(self, params, graphs: jraph.GraphsTuple) -> jax.Array:
+        """``-d(prediction of each graph) / d(positions)`` per node ``[N, 3]`` (eV/A for an energy
+        recipe such as configs/qm9_energy.py). Pure and traceable. Refuses a max-pooled model,
+        whose gradients are ill-defined (:attr:`smooth_gradients`)."""
+        if not self.smooth_gradients:
+            raise ValueError(
+                f"this model pools with {self.model.pooling!r}: its gradients jump between "
+                f"symmetry-equivalent atoms; train with pooling='sum' (configs/qm9_energy.py), "
+                f"'mean' or 'softmax' for forces"
+            )
+
+        def total(positions):
+            return jnp.sum(self.predict(params, graphs._replace(nodes={**graphs.nodes, POSITIONS: positions})))
+
+        return -jax.grad(total)(graphs.nodes[POSITIONS])
 
     @functools.cached_property
     def jitted(self) -> Callable:
         """``jax.jit(predict)``: compiled once per padding budget."""
         return jax.jit(self.predict)
 
-    def predict_molecules(self, molecules: Sequence, batch_size: int | None = None,
-                          progress: Callable | None = None) -> np.ndarray:
+    def predict_molecules(
+        self, molecules: Sequence, batch_size: int | None = None, progress: Callable | None = None
+    ) -> np.ndarray:
         """Predict a list of molecules (GraphsTuples from :func:`molecules_to_graphs`' input
         format, i.e. ``(atoms, positions)`` or ``(atoms, positions, bonds)``, or unpadded
         GraphsTuples) in padded batches. Returns ``[M]`` in the target's unit."""
         graphs = [m if isinstance(m, jraph.GraphsTuple) else molecule_to_graph(*m) for m in molecules]
         budget = self.budget if batch_size is None else budget_for_batch(batch_size)
-        batches = pack_batches([int(g.n_node[0]) for g in graphs], [int(g.n_edge[0]) for g in graphs],
-                               np.arange(len(graphs)), budget.n_graph - 1, budget)
+        batches = pack_batches(
+            [int(g.n_node[0]) for g in graphs],
+            [int(g.n_edge[0]) for g in graphs],
+            np.arange(len(graphs)),
+            budget.n_graph - 1,
+            budget,
+        )
         out = np.zeros(len(graphs), np.float64)
         for idx in batches:
             padded = pad_to_budget([graphs[i] for i in idx], budget)
-            validate_graphs(padded, self.model.node_features_dim, self.model.edge_features_dim,
-                            self.model.execution.paired_edges)
-            out[idx] = np.asarray(self.jitted(self.params, padded))[:len(idx)]
+            validate_graphs(
+                padded, self.model.node_features_dim, self.model.edge_features_dim, self.model.execution.paired_edges
+            )
+            out[idx] = np.asarray(self.jitted(self.params, padded))[: len(idx)]
             if progress is not None:
                 progress(len(idx))
         return out
@@ -98,16 +148,23 @@ def molecules_to_graphs(molecules: Sequence, budget: PaddingBudget) -> jraph.Gra
     return pad_to_budget(graphs, budget)
 
 
-def load_predictor(workdir: str | Path, precision: str | None = None, fuse_level: str | None = None,
-                   batch_size: int = 100, step: int | None = None) -> Predictor:
+def load_predictor(
+    workdir: str | Path,
+    precision: str | None = None,
+    fuse_level: str | None = None,
+    batch_size: int = 100,
+    step: int | None = None,
+) -> Predictor:
     """Load the newest (or ``step``) checkpoint of a training workdir, its saved config and the
     target normalisation. ``precision`` (fp32 | tf32 | bf16 | fp16) and ``fuse_level`` change
     only how the model executes, never its parameters; the model runs the inference plan."""
     workdir = Path(workdir)
     for name in (CONFIG_FILE, NORMALISATION_FILE):
         if not (workdir / name).exists():
-            raise FileNotFoundError(f"{workdir / name} not found: is {workdir} a training workdir "
-                                    f"(python train/main.py --workdir {workdir})?")
+            raise FileNotFoundError(
+                f"{workdir / name} not found: is {workdir} a training workdir "
+                f"(python train/main.py --workdir {workdir})?"
+            )
     config = ml_collections.ConfigDict(json.loads((workdir / CONFIG_FILE).read_text()))
     norm = json.loads((workdir / NORMALISATION_FILE).read_text())
     with config.unlocked():
@@ -127,21 +184,29 @@ def load_predictor(workdir: str | Path, precision: str | None = None, fuse_level
         checkpointer.close()
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {workdir / CHECKPOINT_DIR}")
-    params = jax.tree.map(jnp.asarray, restored[0]["params"])
+    state = restored[0]
+    # evaluation's parameters: the moving average when the run kept one
+    params = jax.tree.map(jnp.asarray, state.get("ema_params") or state["params"])
     expected = jax.tree.map(lambda x: (x.shape, x.dtype), abstract)
     found = jax.tree.map(lambda x: (x.shape, x.dtype), params)
     if jax.tree.structure(expected) != jax.tree.structure(found) or expected != found:
-        raise CheckpointError(f"the checkpoint in {workdir} does not match the model of its "
-                              f"{CONFIG_FILE}: was the config edited after training?")
-    return Predictor(model, params, norm["task"], norm["unit"], float(norm["mean"]),
-                     float(norm["std"]), budget)
+        raise CheckpointError(
+            f"the checkpoint in {workdir} does not match the model of its "
+            f"{CONFIG_FILE}: was the config edited after training?"
+        )
+    return Predictor(model, params, Normalisation.from_json(norm), budget)
 
 
 def _example_graphs(budget: PaddingBudget) -> jraph.GraphsTuple:
     """A structurally valid padded batch (one methane-like molecule) for shapes."""
     positions = np.array([[0, 0, 0], [1.09, 0, 0], [-0.36, 1.03, 0], [-0.36, -0.51, 0.89], [-0.36, -0.51, -0.89]])
-    mol = molecule_graph(positions, node_features([6, 1, 1, 1, 1]), [0, 1, 0, 2, 0, 3, 0, 4],
-                         [1, 0, 2, 0, 3, 0, 4, 0], np.eye(4)[[0] * 8])  # paired edges
+    mol = molecule_graph(
+        positions,
+        node_features([6, 1, 1, 1, 1]),
+        [0, 1, 0, 2, 0, 3, 0, 4],
+        [1, 0, 2, 0, 3, 0, 4, 0],
+        np.eye(4)[[0] * 8],
+    )  # paired edges
     return pad_to_budget([mol], budget)
 
 
@@ -153,18 +218,32 @@ _FLAT_FIELDS = ("positions", "node_features", "edge_features", "senders", "recei
 
 
 def _flatten(graphs: jraph.GraphsTuple) -> tuple:
-    return (graphs.nodes[POSITIONS], graphs.nodes[FEATURES], graphs.edges[FEATURES], graphs.senders,
-            graphs.receivers, graphs.n_node, graphs.n_edge)
+    return (
+        graphs.nodes[POSITIONS],
+        graphs.nodes[FEATURES],
+        graphs.edges[FEATURES],
+        graphs.senders,
+        graphs.receivers,
+        graphs.n_node,
+        graphs.n_edge,
+    )
 
 
 def _unflatten(positions, node_features, edge_features, senders, receivers, n_node, n_edge):
-    return jraph.GraphsTuple(nodes={POSITIONS: positions, FEATURES: node_features},
-                             edges={FEATURES: edge_features}, senders=senders, receivers=receivers,
-                             n_node=n_node, n_edge=n_edge, globals=None)
+    return jraph.GraphsTuple(
+        nodes={POSITIONS: positions, FEATURES: node_features},
+        edges={FEATURES: edge_features},
+        senders=senders,
+        receivers=receivers,
+        n_node=n_node,
+        n_edge=n_edge,
+        globals=None,
+    )
 
 
-def export_predictor(predictor: Predictor, path: str | Path, budget: PaddingBudget | None = None,
-                     platforms: Sequence[str] | None = None) -> Path:
+def export_predictor(
+    predictor: Predictor, path: str | Path, budget: PaddingBudget | None = None, platforms: Sequence[str] | None = None
+) -> Path:
     """Serialise ``predict`` (parameters included) for one padding budget with ``jax.export``.
 
     Writes ``path`` (the serialized StableHLO) and ``path + '.json'`` (task, unit, budget and
@@ -181,9 +260,18 @@ def export_predictor(predictor: Predictor, path: str | Path, budget: PaddingBudg
     specs = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in _flatten(example)]
     exported = jax.export.export(jax.jit(flat_predict), platforms=platforms)(*specs)
     path.write_bytes(exported.serialize())
-    Path(str(path) + ".json").write_text(json.dumps({
-        "task": predictor.task, "unit": predictor.unit, "arguments": list(_FLAT_FIELDS),
-        "budget": dataclasses.asdict(budget), "platforms": list(exported.platforms)}, indent=2))
+    Path(str(path) + ".json").write_text(
+        json.dumps(
+            {
+                "task": predictor.task,
+                "unit": predictor.unit,
+                "arguments": list(_FLAT_FIELDS),
+                "budget": dataclasses.asdict(budget),
+                "platforms": list(exported.platforms),
+            },
+            indent=2,
+        )
+    )
     return path
 
 
@@ -220,8 +308,7 @@ class Prediction:
     value: float
 
 
-def predict_files(predictor: Predictor, paths: Sequence[str | Path], batch_size: int = 100,
-                  progress: bool = False):
+def predict_files(predictor: Predictor, paths: Sequence[str | Path], batch_size: int = 100, progress: bool = False):
     """Predict every molecule of ``paths`` (.xyz, multi-molecule .xyz, .sdf).
 
     Returns ``(predictions, errors)``: each error names its file and molecule (unknown
@@ -246,9 +333,13 @@ def predict_files(predictor: Predictor, paths: Sequence[str | Path], batch_size:
                 continue
             n, e = int(graph.n_node[0]), int(graph.n_edge[0])
             if not budget.fits(n, e, 1):
-                errors.append(MoleculeError(item.source, item.index,
-                                            f"{n} atoms / {e} bond edges exceed the padding budget "
-                                            f"{budget}; use a larger --batch-size"))
+                errors.append(
+                    MoleculeError(
+                        item.source,
+                        item.index,
+                        f"{n} atoms / {e} bond edges exceed the padding budget {budget}; use a larger --batch-size",
+                    )
+                )
                 continue
             records.append(item)
             graphs.append(graph)
@@ -256,6 +347,5 @@ def predict_files(predictor: Predictor, paths: Sequence[str | Path], batch_size:
     if graphs:
         with tqdm(total=len(graphs), desc="predicting", unit="mol", disable=not progress) as bar:
             values = predictor.predict_molecules(graphs, batch_size, progress=bar.update)
-    predictions = [Prediction(r.source, r.index, r.name, len(r.atoms), float(v))
-                   for r, v in zip(records, values)]
+    predictions = [Prediction(r.source, r.index, r.name, len(r.atoms), float(v)) for r, v in zip(records, values)]
     return predictions, errors

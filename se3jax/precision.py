@@ -33,11 +33,14 @@ import numpy as np
 POLICIES = ("fp32", "tf32", "bf16", "fp16", "fp64")  # fp64: for tests and debugging
 TRAINING_POLICIES = ("fp32", "tf32", "bf16", "fp16")
 
-_DTYPES = {"fp32": jnp.float32, "tf32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16,
-           "fp64": jnp.float64}
-_DOT_PRECISION = {"fp32": jax.lax.Precision.HIGHEST, "tf32": jax.lax.Precision.HIGH,
-                  "bf16": jax.lax.Precision.DEFAULT, "fp16": jax.lax.Precision.DEFAULT,
-                  "fp64": jax.lax.Precision.HIGHEST}
+_DTYPES = {"fp32": jnp.float32, "tf32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16, "fp64": jnp.float64}
+_DOT_PRECISION = {
+    "fp32": jax.lax.Precision.HIGHEST,
+    "tf32": jax.lax.Precision.HIGH,
+    "bf16": jax.lax.Precision.DEFAULT,
+    "fp16": jax.lax.Precision.DEFAULT,
+    "fp64": jax.lax.Precision.HIGHEST,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +70,9 @@ class Policy:
         dtype('float32')
         """
         out_dtype = self.accumulation_dtype if wide_result else self.compute_dtype
-        return jnp.einsum(spec, *(self.cast(x) for x in operands), precision=self.dot_precision,
-                          preferred_element_type=out_dtype)
+        return jnp.einsum(
+            spec, *(self.cast(x) for x in operands), precision=self.dot_precision, preferred_element_type=out_dtype
+        )
 
 
 def accumulation_dtype(compute_dtype) -> np.dtype:
@@ -83,7 +87,7 @@ def at_least_f32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def get_policy(policy: "str | Policy") -> Policy:
+def get_policy(policy: str | Policy) -> Policy:
     """The policy named ``fp32``, ``tf32``, ``bf16``, ``fp16`` or ``fp64`` (a Policy is passed
     through)."""
     if isinstance(policy, Policy):
@@ -112,7 +116,7 @@ class DynamicLossScale:
     factor: float = dataclasses.field(default=2.0, metadata=dict(static=True))
 
     @classmethod
-    def create(cls, initial_scale: float = 2.0**15, period: int = 2000) -> "DynamicLossScale":
+    def create(cls, initial_scale: float = 2.0**15, period: int = 2000) -> DynamicLossScale:
         return cls(jnp.asarray(initial_scale, jnp.float32), jnp.zeros((), jnp.int32), period)
 
     def scale_loss(self, loss: jax.Array) -> jax.Array:
@@ -121,11 +125,13 @@ class DynamicLossScale:
     def unscale(self, grads):
         return jax.tree.map(lambda g: g / self.scale.astype(g.dtype), grads)
 
-    def adjust(self, grads_finite: jax.Array) -> "DynamicLossScale":
+    def adjust(self, grads_finite: jax.Array) -> DynamicLossScale:
         grow = self.good_steps + 1 >= self.period
-        new_scale = jnp.where(grads_finite,
-                              jnp.where(grow, self.scale * self.factor, self.scale),
-                              jnp.maximum(self.scale / self.factor, 1.0))
+        new_scale = jnp.where(
+            grads_finite,
+            jnp.where(grow, self.scale * self.factor, self.scale),
+            jnp.maximum(self.scale / self.factor, 1.0),
+        )
         new_good = jnp.where(grads_finite, jnp.where(grow, 0, self.good_steps + 1), 0)
         return dataclasses.replace(self, scale=new_scale, good_steps=new_good)
 

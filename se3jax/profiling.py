@@ -61,10 +61,16 @@ def _trace_events(logdir: str):
     with gzip.open(files[-1]) as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
-    processes = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"}
-    threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    processes = {
+        e["pid"]: e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    threads = {
+        (e["pid"], e.get("tid")): e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
     return events, processes, threads
 
 
@@ -107,7 +113,12 @@ def profile_compiled(run, hlo_text: str, logdir: str, steps: int = 3) -> dict:
     for op, seconds in per_op.items():
         classes[classify(op_names.get(op, op))] += seconds
     busy = sum(per_op.values())
-    return {"step_s": wall, "device_busy_s": busy, "host_or_idle_s": max(wall - busy, 0.0),
-            "device_kind": "gpu" if devices else "cpu",
-            "classes": dict(classes.most_common()), "device_lines": dict(lines.most_common()),
-            "top_ops": [(op, classify(op_names.get(op, op)), s) for op, s in per_op.most_common(25)]}
+    return {
+        "step_s": wall,
+        "device_busy_s": busy,
+        "host_or_idle_s": max(wall - busy, 0.0),
+        "device_kind": "gpu" if devices else "cpu",
+        "classes": dict(classes.most_common()),
+        "device_lines": dict(lines.most_common()),
+        "top_ops": [(op, classify(op_names.get(op, op)), s) for op, s in per_op.most_common(25)],
+    }

@@ -10,13 +10,14 @@ True
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import e3nn_jax as e3nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from se3jax.data.qm9 import QM9_SIZES
 from se3jax.graphs import TARGET, PaddingBudget, molecule_graph, pad_to_budget
 
 
@@ -28,11 +29,14 @@ def random_rotations(rng: np.random.Generator, num: int) -> np.ndarray:
     """
     q = rng.normal(size=(num, 4))
     w, x, y, z = (q / np.linalg.norm(q, axis=1, keepdims=True)).T
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-    ], axis=1)
+    return np.stack(
+        [
+            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+            np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+            np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+        ],
+        axis=1,
+    )
 
 
 def wigner_d(degree: int, rotation: jax.Array) -> jax.Array:
@@ -43,8 +47,7 @@ def wigner_d(degree: int, rotation: jax.Array) -> jax.Array:
 
 def rotate_features(features: dict, rotation: jax.Array) -> dict:
     """Apply ``rotation`` to per-degree features ``{d: [N, C, 2d+1]}``."""
-    return {d: jnp.einsum("mk,nck->ncm", wigner_d(d, rotation).astype(x.dtype), x)
-            for d, x in features.items()}
+    return {d: jnp.einsum("mk,nck->ncm", wigner_d(d, rotation).astype(x.dtype), x) for d, x in features.items()}
 
 
 def relative_error(actual, expected) -> float:
@@ -55,8 +58,9 @@ def relative_error(actual, expected) -> float:
     return float(diff / scale) if scale > 0 else float(diff)
 
 
-def assert_equivariant(fn: Callable, positions: jax.Array, features: dict, rotations,
-                       rtol: float, translation: jax.Array | None = None) -> None:
+def assert_equivariant(
+    fn: Callable, positions: jax.Array, features: dict, rotations, rtol: float, translation: jax.Array | None = None
+) -> None:
     """Assert ``fn(R x + t, D(R) f) == D(R) fn(x, f)`` for every rotation ``R``.
 
     ``fn(positions [N, 3], features {d: [N, C, 2d+1]}) -> {d: [..., C, 2d+1]}``: degree-0
@@ -82,8 +86,7 @@ def assert_equivariant(fn: Callable, positions: jax.Array, features: dict, rotat
     assert worst <= rtol, f"equivariance error {worst:.3e} exceeds {rtol:.1e}"
 
 
-def synthetic_molecule(rng: np.random.Generator, num_atoms: int, num_rings: int = 1,
-                       target: float | None = None):
+def synthetic_molecule(rng: np.random.Generator, num_atoms: int, num_rings: int = 1, target: float | None = None):
     """A QM9-like random molecule: a random tree of ~1.1–1.5 Å bonds plus ``num_rings`` ring
     closures (bonds in both directions, adjacent: paired edges; ~2.1 directed edges per
     atom), H/C/N/O/F atoms with the 6 node features of the QM9 pipeline, one-hot bond types."""
@@ -100,7 +103,7 @@ def synthetic_molecule(rng: np.random.Generator, num_atoms: int, num_rings: int 
         if (i, j) not in existing:
             bonds.append((i, j))
             existing |= {(i, j), (j, i)}
-    senders = [v for i, j in bonds for v in (i, j)]      # paired edges: i->j then j->i
+    senders = [v for i, j in bonds for v in (i, j)]  # paired edges: i->j then j->i
     receivers = [v for i, j in bonds for v in (j, i)]
     bond_type = rng.integers(0, 4, len(bonds))
     edge_features = np.eye(4)[np.repeat(bond_type, 2)].reshape(-1, 4)
@@ -111,13 +114,17 @@ def synthetic_molecule(rng: np.random.Generator, num_atoms: int, num_rings: int 
     return molecule_graph(pos, node_features, senders, receivers, edge_features, globals_)
 
 
-def synthetic_batch(rng: np.random.Generator, num_molecules: int,
-                    budget: PaddingBudget | None = None, mean_atoms: int = 18):
+def synthetic_batch(
+    rng: np.random.Generator, num_molecules: int, budget: PaddingBudget | None = None, mean_atoms: int = 18
+):
     """``num_molecules`` QM9-sized molecules (about 18 atoms, 38 directed bond edges each),
     padded to ``budget`` (default: the budget the QM9 loader would use for this batch size)."""
-    mols = [synthetic_molecule(rng, int(np.clip(rng.normal(mean_atoms, 3), 3, 29)), num_rings=2,
-                               target=float(rng.normal())) for _ in range(num_molecules)]
+    mols = [
+        synthetic_molecule(rng, int(np.clip(rng.normal(mean_atoms, 3), 3, 29)), num_rings=2, target=float(rng.normal()))
+        for _ in range(num_molecules)
+    ]
     if budget is None:
-        budget = PaddingBudget.for_batch(num_molecules, mean_nodes=18, mean_edges=38,
-                                         max_nodes=29, max_edges=66)
+        # QM9's mean sizes; the largest synthetic molecule (29 atoms, a tree of 28 bonds plus 2
+        # ring closures) has 60 directed edges, more than QM9's largest (56)
+        budget = PaddingBudget.for_batch(num_molecules, **{**QM9_SIZES, "max_edges": 2 * (29 - 1 + 2)})
     return pad_to_budget(mols, budget)

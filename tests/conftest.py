@@ -46,6 +46,7 @@ def small_batch():
 def rotations():
     """Five seeded rotations drawn uniformly over all of SO(3)."""
     from se3jax.testing import random_rotations
+
     return random_rotations(np.random.default_rng(42), 5)
 
 
@@ -54,14 +55,27 @@ def qm9_subset_cache(tmp_path_factory):
     """A cache folder holding the first 400 QM9 molecules, processed once per session (the
     tiny training config reads exactly this subset)."""
     from se3jax.data.qm9 import load_qm9
+
     cache = tmp_path_factory.mktemp("qm9_subset")
     load_qm9(cache, max_molecules=400, num_workers=1)
     return cache
 
 
 @pytest.fixture(scope="session")
+def qm9_1000_cache(tmp_path_factory):
+    """A cache folder holding the first 1,000 QM9 molecules, processed once per session in
+    worker processes (the data and loader tests' subset)."""
+    from se3jax.data.qm9 import load_qm9
+
+    cache = tmp_path_factory.mktemp("qm9_1000")
+    load_qm9(cache, max_molecules=1000)
+    return cache
+
+
+@pytest.fixture(scope="session")
 def qm9_subset(qm9_subset_cache):
     from se3jax.data.qm9 import load_qm9
+
     return load_qm9(qm9_subset_cache, max_molecules=400, num_workers=1)
 
 
@@ -72,10 +86,28 @@ def trained_workdir(tmp_path_factory, qm9_subset_cache):
 
     from se3jax.training.config import load_config_file
     from se3jax.training.train import train_and_evaluate
+
     config = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "test.py")
     config.cache_dir = str(qm9_subset_cache)
     config.max_train_molecules = 32
     config.max_steps = 3
     workdir = tmp_path_factory.mktemp("trained")
+    train_and_evaluate(config, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def trained_energy_workdir(tmp_path_factory, qm9_subset_cache):
+    """A workdir of the tiny config trained on U0 with sum pooling (an energy model), 3 steps."""
+    from pathlib import Path
+
+    from se3jax.training.config import load_config_file
+    from se3jax.training.train import train_and_evaluate
+
+    config = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "test.py")
+    config.cache_dir = str(qm9_subset_cache)
+    config.task, config.pooling = "U0", "sum"
+    config.max_train_molecules, config.max_eval_molecules, config.max_steps = 32, 16, 3
+    workdir = tmp_path_factory.mktemp("trained_energy")
     train_and_evaluate(config, workdir)
     return workdir

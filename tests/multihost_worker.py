@@ -15,51 +15,49 @@ import os
 import sys
 from pathlib import Path
 
-spec = json.loads(sys.argv[1])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
-os.environ["JAX_PLATFORMS"] = "cpu"
+
+def main(spec: dict) -> None:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, str(REPO))
+    import jax  # after XLA_FLAGS: the simulated device count is read when JAX starts
+    import numpy as np
+
+    from se3jax.training.config import load_config_file
+    from se3jax.training.train import train_and_evaluate
+
+    logging.basicConfig(level=logging.INFO)
+    logging.getLogger().setLevel(logging.INFO)  # after absl's import, which may have lowered it
+    config = load_config_file(REPO / "configs" / "test.py")
+    for key, value in spec["config"].items():
+        config[key] = value
+    workdir = str(Path(spec["workdir"]).absolute())
+    record = open(spec["record"], "a")
+
+    def write(**data):
+        record.write(json.dumps(data) + "\n")
+        record.flush()
+
+    def audit(event, args):
+        # files this process opens for writing in the workdir (Python-level writes)
+        if event == "open" and isinstance(args[0], str) and args[0].startswith(workdir):
+            mode = args[1] if len(args) > 1 and isinstance(args[1], str) else "r"
+            if any(c in mode for c in "wax+"):
+                write(kind="write", path=os.path.relpath(args[0], workdir))
+
+    sys.addaudithook(audit)
+
+    def on_step(step, state, position):
+        digest = hashlib.sha256()
+        for leaf in jax.tree.leaves(state.params):
+            digest.update(np.asarray(leaf.addressable_data(0)).tobytes())
+        write(kind="step", step=int(step), epoch=position.epoch, batch=position.batch, params=digest.hexdigest())
+
+    result = train_and_evaluate(config, workdir, hooks=[on_step])
+    write(kind="result", process=jax.process_index(), **{k: float(v) for k, v in result.items()})
+
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from se3jax.training.config import load_config_file  # noqa: E402
-from se3jax.training.train import train_and_evaluate  # noqa: E402
-
-logging.basicConfig(level=logging.INFO)
-logging.getLogger().setLevel(logging.INFO)  # after absl's import, which may have lowered it
-config = load_config_file(REPO / "configs" / "test.py")
-for key, value in spec["config"].items():
-    config[key] = value
-workdir = str(Path(spec["workdir"]).absolute())
-record = open(spec["record"], "a")
-
-
-def write(**data):
-    record.write(json.dumps(data) + "\n")
-    record.flush()
-
-
-def audit(event, args):
-    # files this process opens for writing in the workdir (Python-level writes)
-    if event == "open" and isinstance(args[0], str) and args[0].startswith(workdir):
-        mode = args[1] if len(args) > 1 and isinstance(args[1], str) else "r"
-        if any(c in mode for c in "wax+"):
-            write(kind="write", path=os.path.relpath(args[0], workdir))
-
-
-sys.addaudithook(audit)
-
-
-def on_step(step, state, position):
-    params = jax.tree.leaves(state.params)
-    digest = hashlib.sha256()
-    for leaf in params:
-        digest.update(np.asarray(leaf.addressable_data(0)).tobytes())
-    write(kind="step", step=int(step), epoch=position.epoch, batch=position.batch,
-          params=digest.hexdigest())
-
-
-result = train_and_evaluate(config, workdir, hooks=[on_step])
-write(kind="result", process=jax.process_index(), **{k: float(v) for k, v in result.items()})
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))

@@ -14,10 +14,10 @@ MAX_DEGREE = 3
 
 def _path_blocks(bases, max_degree):
     _, offsets = path_bases_matrix(max_degree)
-    for (a, b) in all_paths(max_degree):
+    for a, b in all_paths(max_degree):
         f = 2 * min(a, b) + 1
         size = (2 * a + 1) * f * (2 * b + 1)
-        yield a, b, bases[:, offsets[(a, b)]:offsets[(a, b)] + size].reshape(-1, 2 * a + 1, f, 2 * b + 1)
+        yield a, b, bases[:, offsets[(a, b)] : offsets[(a, b)] + size].reshape(-1, 2 * a + 1, f, 2 * b + 1)
 
 
 def test_path_bases_rotate_with_wigner_d(x64, rotations):

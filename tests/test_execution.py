@@ -4,7 +4,6 @@ contraction asking for the precision its policy promises (fp32 is float32 on eve
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from se3jax import execution as ex
@@ -16,13 +15,16 @@ from se3jax.model import SE3TransformerPooled
 HIDDEN = Fiber.create(4, 32)
 
 
-@pytest.mark.parametrize("options,message", [
-    (dict(precision="fp8"), "unknown precision 'fp8'"),
-    (dict(fuse_level="fused"), "'fused' is not a valid FuseLevel"),
-    (dict(remat="sometimes"), "unknown remat 'sometimes'"),
-    (dict(mode="eval"), "unknown mode 'eval'"),
-    (dict(edge_chunk=-1), "edge_chunk >= 0"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(precision="fp8"), "unknown precision 'fp8'"),
+        (dict(fuse_level="fused"), "'fused' is not a valid FuseLevel"),
+        (dict(remat="sometimes"), "unknown remat 'sometimes'"),
+        (dict(mode="eval"), "unknown mode 'eval'"),
+        (dict(edge_chunk=-1), "edge_chunk >= 0"),
+    ],
+)
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         Execution(**options)
@@ -34,11 +36,16 @@ def test_executions_are_hashable_values():
     assert Execution().for_mode("infer") == Execution(mode="infer")
 
 
-@pytest.mark.parametrize("backend,mode,expected", [
-    ("cpu", "train", "none"), ("cpu", "infer", "partial_out"),
-    ("gpu", "train", "partial_out"), ("gpu", "infer", "partial_out"),
-    ("cuda", "train", "partial_out"),  # every accelerator follows the GPU table
-])
+@pytest.mark.parametrize(
+    "backend,mode,expected",
+    [
+        ("cpu", "train", "none"),
+        ("cpu", "infer", "none"),
+        ("gpu", "train", "partial_out"),
+        ("gpu", "infer", "partial_out"),
+        ("cuda", "train", "partial_out"),  # every accelerator follows the GPU table
+    ],
+)
 def test_auto_level_follows_the_measured_table(backend, mode, expected):
     assert ex.resolve_fuse_level("auto", HIDDEN, HIDDEN, backend, mode).value == expected
 
@@ -51,17 +58,20 @@ def test_levels_the_fibers_cannot_do_fall_back_to_the_widest_allowed():
     assert ex.resolve_fuse_level("auto", first, Fiber({0: 128}), "gpu", "infer") == FuseLevel.NONE
 
 
-def test_cpu_chunk_fills_half_the_last_level_cache(monkeypatch):
+def test_cpu_chunks_are_even_and_sized_to_the_last_level_cache(monkeypatch):
     monkeypatch.setattr(ex, "last_level_cache_bytes", lambda: 32 << 20)
     plan = conv_plan(HIDDEN, HIDDEN, FuseLevel.NONE, 3)
-    group_bytes = plan.max_group_row_weights * 4                  # 32 x 32 x 7 floats per bond
+    group_bytes = plan.max_group_row_weights * 4  # 32 x 32 x 7 floats per bond
     rows = ex.edge_chunk_rows(Execution(), 5000, plan.n_weights, plan.max_group_row_weights, "cpu")
-    assert rows == 584 and rows * group_bytes <= 16 << 20 < (rows + 8) * group_bytes
+    # at most 1,170 rows fit 32 MB: 5 even chunks of 1,000 rows rather than 4 full and a stub
+    assert rows == 1000 and rows * group_bytes <= 32 << 20 and -(-5000 // rows) == 5
     # bf16 halves the bytes per row, low-memory halves the budget
-    assert ex.edge_chunk_rows(Execution(precision="bf16"), 5000, plan.n_weights,
-                              plan.max_group_row_weights, "cpu") == 1168
-    assert ex.edge_chunk_rows(Execution(low_memory=True), 5000, plan.n_weights,
-                              plan.max_group_row_weights, "cpu") == 288
+    assert (
+        ex.edge_chunk_rows(Execution(precision="bf16"), 5000, plan.n_weights, plan.max_group_row_weights, "cpu") == 1672
+    )
+    assert (
+        ex.edge_chunk_rows(Execution(low_memory=True), 5000, plan.n_weights, plan.max_group_row_weights, "cpu") == 560
+    )
     # a batch smaller than one chunk is not chunked
     assert ex.edge_chunk_rows(Execution(), 500, plan.n_weights, plan.max_group_row_weights, "cpu") is None
 
@@ -87,7 +97,7 @@ def test_remat_rule(monkeypatch):
     monkeypatch.setattr(ex, "device_memory_bytes", lambda: 80 << 30)
     bf16 = Execution(precision="bf16")
     assert not ex.remat_radial(bf16, 5_024, 45_056, chunked=False, backend="gpu")  # 0.45 GB: stored
-    assert ex.remat_radial(bf16, 20_928, 45_056, chunked=False, backend="gpu")      # 1.9 GB: recomputed
+    assert ex.remat_radial(bf16, 20_928, 45_056, chunked=False, backend="gpu")  # 1.9 GB: recomputed
     assert ex.remat_radial(bf16, 5_024, 45_056, chunked=True, backend="gpu")
     assert ex.remat_radial(bf16, 5_024, 45_056, chunked=False, backend="cpu")
     assert ex.remat_radial(bf16.replace(low_memory=True), 5_024, 45_056, chunked=False, backend="gpu")
@@ -123,11 +133,14 @@ def _dot_generals(jaxpr):
 def test_every_contraction_asks_for_its_policy_precision(precision, expected, small_batch):
     """Forward and backward, chunked: no contraction is left to a backend default (which is
     TensorFloat-32 on NVIDIA GPUs) or to a global flag a user's pipeline may have set."""
-    model = SE3TransformerPooled(num_layers=1, num_channels=8, num_heads=2,
-                                 execution=Execution(precision=precision, edge_chunk=32))
+    model = SE3TransformerPooled(
+        num_layers=1, num_channels=8, num_heads=2, execution=Execution(precision=precision, edge_chunk=32)
+    )
     params = model.init(jax.random.PRNGKey(0), small_batch)
-    grad = jax.grad(lambda p, pos: jnp.sum(model.apply(p, small_batch._replace(
-        nodes={**small_batch.nodes, "positions": pos}))), argnums=(0, 1))
+    grad = jax.grad(
+        lambda p, pos: jnp.sum(model.apply(p, small_batch._replace(nodes={**small_batch.nodes, "positions": pos}))),
+        argnums=(0, 1),
+    )
     with jax.default_matmul_precision("bfloat16"):  # a hostile global setting changes nothing
         jaxpr = jax.make_jaxpr(grad)(params, small_batch.nodes["positions"]).jaxpr
     dots = list(_dot_generals(jaxpr))

@@ -20,6 +20,7 @@ def test_invalid_fibers_are_rejected(bad):
 
 def test_check_features_names_the_problem():
     import numpy as np
+
     f = Fiber({0: 2, 1: 3})
     f.check_features({0: np.zeros((5, 2, 1)), 1: np.zeros((5, 3, 3))})
     with pytest.raises(ValueError, match=r"features\[1\] has shape"):

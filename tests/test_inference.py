@@ -19,8 +19,12 @@ from se3jax.training.train import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 WATER = (["O", "H", "H"], np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0], [-0.2400, 0.9266, 0.0]]))
-METHANE = (["C", "H", "H", "H", "H"], np.array([[0, 0, 0], [0.629, 0.629, 0.629], [-0.629, -0.629, 0.629],
-                                                 [-0.629, 0.629, -0.629], [0.629, -0.629, -0.629]]))
+METHANE = (
+    ["C", "H", "H", "H", "H"],
+    np.array(
+        [[0, 0, 0], [0.629, 0.629, 0.629], [-0.629, -0.629, 0.629], [-0.629, 0.629, -0.629], [0.629, -0.629, -0.629]]
+    ),
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +34,17 @@ def predictor(trained_workdir):
 
 def test_loaded_predictor_matches_the_training_code(trained_workdir, predictor, qm9_subset):
     from se3jax.data.loader import budget_for
+
     ids = qm9_subset.splits["val"][:6]
     # the training code's view: restored train state, dataset batch, denormalised output
     config = json.loads((trained_workdir / "config.json").read_text())
     state, _ = Checkpointer(trained_workdir / "checkpoints").restore()
     batch = pad_to_budget(qm9_subset.batch_graphs(ids), budget_for(qm9_subset, ids, 8))
     import ml_collections
+
     model = build_model(ml_collections.ConfigDict(config))
-    expected = qm9_subset.denormalise(np.asarray(jax.jit(model.apply)(state["params"], batch))[:6])
+    outputs = np.asarray(jax.jit(model.apply)(state["params"], batch))[:6]
+    expected = qm9_subset.normalisation.to_unit(outputs, qm9_subset.element_counts[ids])
     # the user's view: atoms + positions from the dataset, bonds inferred again by the API
     molecules = []
     for i in ids:
@@ -57,8 +64,9 @@ def test_predict_composes_with_jit_vmap_and_grad(predictor):
         return 2.0 * predictor.predict(params, graphs) + 1.0
 
     np.testing.assert_allclose(user_pipeline(predictor.params, graphs), 2 * direct + 1, rtol=1e-5)
-    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), graphs,
-                           inference.molecules_to_graphs([METHANE, WATER], predictor.budget))
+    stacked = jax.tree.map(
+        lambda a, b: jnp.stack([a, b]), graphs, inference.molecules_to_graphs([METHANE, WATER], predictor.budget)
+    )
     batched = jax.vmap(predictor.predict, in_axes=(None, 0))(predictor.params, stacked)
     np.testing.assert_allclose(batched[0, :2], direct[:2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(batched[1, :2], direct[:2][::-1], rtol=1e-5, atol=1e-6)
@@ -72,7 +80,7 @@ def _forces(predictor, molecule):
         return predictor.predict(predictor.params, g)[0]
 
     grad = jax.jit(jax.grad(energy))(jnp.asarray(graphs.nodes[POSITIONS]))
-    return np.asarray(grad)[:len(molecule[0])]
+    return np.asarray(grad)[: len(molecule[0])]
 
 
 def test_position_gradients_are_finite_and_rotate_with_the_molecule(predictor):
@@ -97,8 +105,10 @@ def test_exported_artifact_reloads_and_gives_the_same_numbers(predictor, tmp_pat
 
 def test_predict_files_reports_bad_molecules_and_predicts_the_rest(predictor, tmp_path):
     good = tmp_path / "good.xyz"
-    good.write_text("3\nwater\nO 0 0 0\nH 0.9572 0 0\nH -0.24 0.9266 0\n"
-                    "5\nmethane\n" + "\n".join(f"{a} {x} {y} {z}" for a, (x, y, z) in zip(*METHANE)) + "\n")
+    good.write_text(
+        "3\nwater\nO 0 0 0\nH 0.9572 0 0\nH -0.24 0.9266 0\n"
+        "5\nmethane\n" + "\n".join(f"{a} {x} {y} {z}" for a, (x, y, z) in zip(*METHANE)) + "\n"
+    )
     unknown = tmp_path / "unknown.xyz"
     unknown.write_text("2\nHCl\nCl 0 0 0\nH 1.27 0 0\n3\nwater again\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n")
     malformed = tmp_path / "malformed.xyz"
@@ -109,8 +119,7 @@ def test_predict_files_reports_bad_molecules_and_predicts_the_rest(predictor, tm
     empty.write_text("")
     big = tmp_path / "big.xyz"  # a 70-carbon chain: larger than the batch-size-1 budget
     big.write_text("70\nchain\n" + "\n".join(f"C {1.5 * k} 0 0" for k in range(70)) + "\n")
-    predictions, errors = inference.predict_files(predictor, [good, unknown, malformed, nan, empty, big],
-                                                  batch_size=1)
+    predictions, errors = inference.predict_files(predictor, [good, unknown, malformed, nan, empty, big], batch_size=1)
     assert [p.name for p in predictions] == ["water", "methane", "water again"]
     messages = {Path(e.source).name: str(e) for e in errors}
     assert "molecule 1: unsupported element 'Cl'" in messages["unknown.xyz"]
@@ -127,9 +136,24 @@ def test_predict_command_writes_csv_and_json(trained_workdir, tmp_path):
     mols.write_text("3\nwater\nO 0 0 0\nH 0.9572 0 0\nH -0.24 0.9266 0\n")
     bad = tmp_path / "bad.xyz"
     bad.write_text("1\nxenon\nXe 0 0 0\n")
-    result = subprocess.run([sys.executable, "scripts/predict.py", str(trained_workdir), str(mols), str(bad),
-                             "--csv", str(tmp_path / "out.csv"), "--json", str(tmp_path / "out.json"), "--quiet"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/predict.py",
+            str(trained_workdir),
+            str(mols),
+            str(bad),
+            "--csv",
+            str(tmp_path / "out.csv"),
+            "--json",
+            str(tmp_path / "out.json"),
+            "--quiet",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1, result.stderr  # one molecule failed, the other was predicted
     assert "bad.xyz, molecule 1: unsupported element 'Xe'" in result.stderr
     assert "water" in (tmp_path / "out.csv").read_text()

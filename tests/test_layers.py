@@ -5,8 +5,6 @@ runs use 1e-5 relative: float32 epsilon is 1.2e-7 and a layer sums O(10^3) terms
 so rounding alone reaches a few 1e-6 while a real equivariance bug gives O(1) errors.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,8 +30,14 @@ def random_features(fiber: Fiber, num_nodes: int, dtype, seed: int = 0) -> dict:
 
 def graph_edges(graphs, positions):
     """The layers' edge inputs, recomputed from ``positions`` (so they carry the rotation)."""
-    return edge_inputs(positions, graphs.senders, graphs.receivers, MAX_DEGREE,
-                       graphs.edges[FEATURES].astype(positions.dtype), padding_masks(graphs).edges)
+    return edge_inputs(
+        positions,
+        graphs.senders,
+        graphs.receivers,
+        MAX_DEGREE,
+        graphs.edges[FEATURES].astype(positions.dtype),
+        padding_masks(graphs).edges,
+    )
 
 
 def graph_layer_fn(module, params, graphs):
@@ -55,19 +59,27 @@ def run(level, precision, **options):
 GRAPH_LAYERS = {
     "conv_uniform": lambda level, p: ConvSE3(UNIFORM, UNIFORM, execution=run(level, p)),
     "conv_ragged_self_interaction": lambda level, p: ConvSE3(
-        RAGGED_IN, RAGGED_OUT, self_interaction=True, execution=run(level, p)),
+        RAGGED_IN, RAGGED_OUT, self_interaction="per_edge", execution=run(level, p)
+    ),
     "conv_chunked": lambda level, p: ConvSE3(UNIFORM, UNIFORM, execution=run(level, p, edge_chunk=40)),
     "conv_paired_chunked": lambda level, p: ConvSE3(
-        UNIFORM, UNIFORM, execution=run(level, p, edge_chunk=40, paired_edges=True)),
+        UNIFORM, UNIFORM, execution=run(level, p, edge_chunk=40, paired_edges=True)
+    ),
     "conv_no_remat": lambda level, p: ConvSE3(UNIFORM, UNIFORM, execution=run(level, p, remat="off")),
-    "attention": lambda level, p: AttentionBlockSE3(UNIFORM, Fiber.create(4, 8), num_heads=2,
-                                                    execution=run(level, p)),
+    "attention": lambda level, p: AttentionBlockSE3(UNIFORM, Fiber.create(4, 8), num_heads=2, execution=run(level, p)),
     "attention_first_layer": lambda level, p: AttentionBlockSE3(
-        Fiber({0: 6}), Fiber.create(4, 8), num_heads=2, execution=run(level, p)),
+        Fiber({0: 6}), Fiber.create(4, 8), num_heads=2, execution=run(level, p)
+    ),
 }
-FIBER_IN = {"conv_uniform": UNIFORM, "conv_ragged_self_interaction": RAGGED_IN,
-            "conv_chunked": UNIFORM, "conv_paired_chunked": UNIFORM, "conv_no_remat": UNIFORM,
-            "attention": UNIFORM, "attention_first_layer": Fiber({0: 6})}
+FIBER_IN = {
+    "conv_uniform": UNIFORM,
+    "conv_ragged_self_interaction": RAGGED_IN,
+    "conv_chunked": UNIFORM,
+    "conv_paired_chunked": UNIFORM,
+    "conv_no_remat": UNIFORM,
+    "attention": UNIFORM,
+    "attention_first_layer": Fiber({0: 6}),
+}
 
 
 @pytest.mark.parametrize("layer", sorted(GRAPH_LAYERS))
@@ -76,8 +88,7 @@ def test_graph_layers_equivariant_float64(layer, level, small_batch, rotations, 
     module = GRAPH_LAYERS[layer](level, "fp64")
     params, positions, features = init_graph_layer(module, small_batch, FIBER_IN[layer], jnp.float64)
     fn = graph_layer_fn(module, params, small_batch)
-    assert_equivariant(fn, positions, features, rotations, rtol=1e-9,
-                       translation=jnp.array([0.3, -2.0, 1.5]))
+    assert_equivariant(fn, positions, features, rotations, rtol=1e-9, translation=jnp.array([0.3, -2.0, 1.5]))
 
 
 @pytest.mark.parametrize("layer", ["conv_uniform", "attention"])
@@ -88,10 +99,13 @@ def test_graph_layers_equivariant_float32(layer, small_batch, rotations):
     assert_equivariant(fn, positions, features, rotations, rtol=1e-5)
 
 
-@pytest.mark.parametrize("module,fiber", [
-    (LinearSE3(UNIFORM, Fiber({0: 3, 1: 5, 3: 2})), UNIFORM),
-    (NormSE3(UNIFORM), UNIFORM),
-])
+@pytest.mark.parametrize(
+    "module,fiber",
+    [
+        (LinearSE3(UNIFORM, Fiber({0: 3, 1: 5, 3: 2})), UNIFORM),
+        (NormSE3(UNIFORM), UNIFORM),
+    ],
+)
 def test_node_layers_equivariant_float64(module, fiber, rotations, x64):
     features = random_features(fiber, 6, jnp.float64)
     params = module.init(jax.random.PRNGKey(0), features)
@@ -99,8 +113,9 @@ def test_node_layers_equivariant_float64(module, fiber, rotations, x64):
     assert_equivariant(fn, jnp.zeros((6, 3)), features, rotations, rtol=1e-9)
 
 
-@pytest.mark.parametrize("layer", ["conv_uniform", "conv_ragged_self_interaction", "attention",
-                                   "conv_paired_chunked", "conv_no_remat"])
+@pytest.mark.parametrize(
+    "layer", ["conv_uniform", "conv_ragged_self_interaction", "attention", "conv_paired_chunked", "conv_no_remat"]
+)
 def test_fusion_levels_agree_values_and_gradients(layer, small_batch):
     """Same parameters at every level (one canonical kernel) -> same outputs and gradients."""
     reference = GRAPH_LAYERS[layer](FuseLevel.NONE, "fp32")
@@ -112,6 +127,7 @@ def test_fusion_levels_agree_values_and_gradients(layer, small_batch):
         def loss(params, positions, features):
             out = module.apply(params, features, graph_edges(small_batch, positions))
             return sum(jnp.sum(jnp.sin(v)) for v in out.values()), out
+
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, positions, features)
 
     (_, ref_out), ref_grads = outputs_and_grads(FuseLevel.NONE)
@@ -125,8 +141,12 @@ def test_fusion_levels_agree_values_and_gradients(layer, small_batch):
 
 
 def test_allowed_levels_follow_the_fibers():
-    assert set(allowed_levels(UNIFORM, UNIFORM)) == {FuseLevel.NONE, FuseLevel.PARTIAL_OUT,
-                                                      FuseLevel.PARTIAL_IN, FuseLevel.FULL}
+    assert set(allowed_levels(UNIFORM, UNIFORM)) == {
+        FuseLevel.NONE,
+        FuseLevel.PARTIAL_OUT,
+        FuseLevel.PARTIAL_IN,
+        FuseLevel.FULL,
+    }
     assert allowed_levels(Fiber({0: 6}), Fiber({0: 32, 1: 16})) == (FuseLevel.NONE,)
     assert FuseLevel.PARTIAL_OUT in allowed_levels(UNIFORM, Fiber({0: 128}))
 

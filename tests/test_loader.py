@@ -16,8 +16,8 @@ BATCH = 32
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return load_qm9(tmp_path_factory.mktemp("qm9_cache"), max_molecules=1000, num_workers=1)
+def dataset(qm9_1000_cache):
+    return load_qm9(qm9_1000_cache, max_molecules=1000, num_workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,9 @@ def test_every_molecule_once_per_epoch_and_no_batch_exceeds_the_budget(dataset, 
         n_nodes, n_edges, n_graphs = real_counts(batch)
         assert budget.fits(n_nodes, n_edges, n_graphs) and n_graphs == len(indices) <= BATCH
         np.testing.assert_array_equal(batch.n_node[:n_graphs], dataset.num_nodes[indices])
-        np.testing.assert_array_equal(batch.globals["target"][:n_graphs],
-                                      dataset.batch_graphs(indices).globals["target"])
+        np.testing.assert_array_equal(
+            batch.globals["target"][:n_graphs], dataset.batch_graphs(indices).globals["target"]
+        )
         np.testing.assert_array_equal(batch.globals["target"][n_graphs:], 0.0)
 
 
@@ -104,7 +105,7 @@ def test_resuming_at_a_batch_gives_the_tail_of_the_epoch(dataset, train, budget)
 def test_devices_get_a_leading_axis_and_the_last_group_is_padded(dataset, train):
     # a roomy budget so that exactly 5 batches of BATCH form: 3 groups of 2, the last half padding
     roomy = PaddingBudget(n_node=29 * BATCH + 64, n_edge=56 * BATCH + 64, n_graph=BATCH + 1)
-    indices = train[:5 * BATCH]
+    indices = train[: 5 * BATCH]
     loader = BatchLoader(dataset, indices, BATCH, roomy, seed=0, num_devices=2)
     groups = list(loader.epoch_batches(0))
     assert len(groups) == loader.num_batches(0) == 3
@@ -173,8 +174,10 @@ def test_an_abandoned_iterator_stops_its_thread():
 def test_processes_share_an_epoch_with_equal_step_counts(dataset, train, budget):
     """Multi-host: each process gets its own device groups, all the same count, together
     covering every molecule exactly once."""
-    loaders = [BatchLoader(dataset, train, BATCH, budget, seed=3, num_devices=2, process_index=p,
-                           process_count=3) for p in range(3)]
+    loaders = [
+        BatchLoader(dataset, train, BATCH, budget, seed=3, num_devices=2, process_index=p, process_count=3)
+        for p in range(3)
+    ]
     counts = {loader.num_batches(0) for loader in loaders}
     assert len(counts) == 1
     seen = np.concatenate([idx for loader in loaders for group in loader.plan(0) for idx in group])

@@ -26,8 +26,14 @@ WORKER = REPO / "tests" / "multihost_worker.py"
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU collectives: Linux")
 
 # 2 steps per epoch: 128 training molecules in global batches of 4 devices x 16
-RUN = dict(max_train_molecules=128, max_eval_molecules=48, num_epochs=2, log_every_steps=1,
-           checkpoint_every_steps=1, num_devices=2)
+RUN = dict(
+    max_train_molecules=128,
+    max_eval_molecules=48,
+    num_epochs=2,
+    log_every_steps=1,
+    checkpoint_every_steps=1,
+    num_devices=2,
+)
 
 
 def free_port() -> int:
@@ -43,14 +49,26 @@ def launch(tmp_path, name, cache, processes=2, devices=2, overrides=None, per_pr
     for pid in range(processes):
         config = {**RUN, "cache_dir": str(cache), "num_devices": devices, **(overrides or {})}
         if processes > 1:
-            config.update(distributed=True, coordinator_address=f"localhost:{port}",
-                          num_processes=processes, process_id=pid, heartbeat_timeout_s=10)
+            config.update(
+                distributed=True,
+                coordinator_address=f"localhost:{port}",
+                num_processes=processes,
+                process_id=pid,
+                heartbeat_timeout_s=10,
+            )
         config.update((per_process or {}).get(pid, {}))
         record = tmp_path / f"{name}_{pid}.jsonl"
         spec = {"devices": devices, "config": config, "workdir": str(tmp_path / name), "record": str(record)}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), json.dumps(spec)],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        )
         records.append(record)
     return procs, records
 
@@ -74,8 +92,7 @@ def runs(tmp_path_factory, qm9_subset_cache):
     """The two-process run and the single-process 4-device run, concurrently."""
     tmp = tmp_path_factory.mktemp("multihost")
     two, two_records = launch(tmp, "two", qm9_subset_cache)
-    one, one_records = launch(tmp, "one", qm9_subset_cache, processes=1, devices=4,
-                              overrides={"num_devices": 4})
+    one, one_records = launch(tmp, "one", qm9_subset_cache, processes=1, devices=4, overrides={"num_devices": 4})
     for code, err in finish(two + one):
         assert code == 0, err[-3000:]
     return tmp, two_records, one_records
@@ -83,17 +100,20 @@ def runs(tmp_path_factory, qm9_subset_cache):
 
 def test_processes_take_disjoint_shares_of_every_epoch(qm9_subset):
     from se3jax.data.loader import BatchLoader, budget_for
-    idx = qm9_subset.splits["train"][:RUN["max_train_molecules"]]
+
+    idx = qm9_subset.splits["train"][: RUN["max_train_molecules"]]
     budget = budget_for(qm9_subset, idx, 16)
-    loaders = [BatchLoader(qm9_subset, idx, 16, budget, seed=0, num_devices=2, process_index=p,
-                           process_count=2) for p in range(2)]
+    loaders = [
+        BatchLoader(qm9_subset, idx, 16, budget, seed=0, num_devices=2, process_index=p, process_count=2)
+        for p in range(2)
+    ]
     single = BatchLoader(qm9_subset, idx, 16, budget, seed=0, num_devices=4)
     for epoch in range(2):
         shares = [np.concatenate([np.concatenate(step) for step in loader.plan(epoch)]) for loader in loaders]
         seen = np.concatenate(shares)
-        assert len(seen) == len(set(seen.tolist())) == len(idx)          # no overlap, none lost
+        assert len(seen) == len(set(seen.tolist())) == len(idx)  # no overlap, none lost
         assert set(seen.tolist()) == set(idx.tolist())
-        assert all(len(s) for s in shares)                               # both processes work
+        assert all(len(s) for s in shares)  # both processes work
         assert loaders[0].num_batches(epoch) == loaders[1].num_batches(epoch)  # same step count
         # step k of the two processes together is step k of the 4-device process
         for k, step in enumerate(single.plan(epoch)):
@@ -105,13 +125,13 @@ def test_two_processes_match_one_process_with_four_devices(runs):
     tmp, two_records, one_records = runs
     steps = [[r for r in read(rec) if r["kind"] == "step"] for rec in two_records]
     assert len(steps[0]) == len(steps[1]) == 4 and [r["step"] for r in steps[0]] == [1, 2, 3, 4]
-    for a, b in zip(*steps):                                  # bit-identical after every step
+    for a, b in zip(*steps):  # bit-identical after every step
         assert a["params"] == b["params"] and (a["epoch"], a["batch"]) == (b["epoch"], b["batch"])
     two_loss, one_loss = metrics(tmp / "two", "train_loss"), metrics(tmp / "one", "train_loss")
     assert [s for s, _ in two_loss] == [s for s, _ in one_loss] == [2, 4]  # each epoch's mean
     np.testing.assert_allclose([v for _, v in two_loss], [v for _, v in one_loss], rtol=1e-5)
     results = [next(r for r in read(rec) if r["kind"] == "result") for rec in two_records + one_records]
-    for key in ("val_mae", "test_mae"):                       # aggregated over both processes
+    for key in ("val_mae", "test_mae"):  # aggregated over both processes
         assert results[0][key] == results[1][key]
         np.testing.assert_allclose(results[0][key], results[2][key], rtol=1e-5)
 
@@ -137,10 +157,11 @@ def test_a_dead_process_stops_the_other_and_both_resume_exactly(tmp_path, qm9_su
     procs[1].send_signal(signal.SIGKILL)
     start = time.time()
     (code, err), _ = finish(procs, timeout=120)
-    assert code != 0 and time.time() - start < 60                 # bounded: heartbeat timeout 10 s
+    assert code != 0 and time.time() - start < 60  # bounded: heartbeat timeout 10 s
     assert "stopped sending heartbeats" in err or "task" in err.lower(), err[-2000:]
 
     import orbax.checkpoint as ocp
+
     manager = ocp.CheckpointManager(tmp_path / "run" / "checkpoints")
     saved = manager.latest_step()
     meta = manager.restore(saved, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -153,7 +174,7 @@ def test_a_dead_process_stops_the_other_and_both_resume_exactly(tmp_path, qm9_su
     assert [r["step"] for r in resumed] == [saved + 1, saved + 2]
     assert (resumed[0]["epoch"], resumed[0]["batch"]) == (meta["epoch"], meta["batch"])
     steps = [s for s, _ in metrics(tmp_path / "run", "train_loss")]
-    assert len(steps) == len(set(steps))                            # every step logged once
+    assert len(steps) == len(set(steps))  # every step logged once
 
 
 def test_processes_with_different_configs_are_refused(tmp_path, qm9_subset_cache):

@@ -1,5 +1,6 @@
 """QM9 from qm9pack's CSVs: units, splits, train-only normalisation, the on-disk cache."""
 
+import json
 import logging
 
 import jax
@@ -9,34 +10,42 @@ import pytest
 
 from se3jax.data import qm9
 from se3jax.data.molecules import BOND_TYPES, node_features
-from se3jax.data.qm9 import HARTREE_TO_EV, TARGETS, load_qm9, split_indices, split_sizes
+from se3jax.data.qm9 import HARTREE_TO_EV, TARGETS, Normalisation, load_qm9, split_indices, split_sizes
 
 SUBSET = 1000
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("qm9_cache")
+def cache_dir(qm9_1000_cache):
+    return qm9_1000_cache  # processed in worker processes (conftest)
 
 
 @pytest.fixture(scope="module")
 def dataset(cache_dir):
-    # default num_workers: exercises the worker processes once
     return load_qm9(cache_dir, task="homo", max_molecules=SUBSET)
 
 
 def test_targets_are_the_twelve_standard_ones_in_order():
-    assert list(TARGETS) == ["mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H",
-                             "G", "Cv"]
+    assert list(TARGETS) == ["mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H", "G", "Cv"]
     assert {name: unit for name, (_, _, unit) in TARGETS.items()} == {
-        "mu": "D", "alpha": "bohr^3", "homo": "eV", "lumo": "eV", "gap": "eV", "r2": "bohr^2",
-        "zpve": "eV", "U0": "eV", "U": "eV", "H": "eV", "G": "eV", "Cv": "cal/mol K"}
+        "mu": "D",
+        "alpha": "bohr^3",
+        "homo": "eV",
+        "lumo": "eV",
+        "gap": "eV",
+        "r2": "bohr^2",
+        "zpve": "eV",
+        "U0": "eV",
+        "U": "eV",
+        "H": "eV",
+        "G": "eV",
+        "Cv": "cal/mol K",
+    }
 
 
 def test_full_split_has_the_reference_sizes_and_is_a_disjoint_cover():
     splits = split_indices(130_831)
-    assert {name: len(idx) for name, idx in splits.items()} == {
-        "train": 100_000, "val": 17_748, "test": 13_083}
+    assert {name: len(idx) for name, idx in splits.items()} == {"train": 100_000, "val": 17_748, "test": 13_083}
     everything = np.concatenate(list(splits.values()))
     np.testing.assert_array_equal(np.sort(everything), np.arange(130_831))
     again = split_indices(130_831)
@@ -65,8 +74,7 @@ def test_dataset_shape_and_splits(dataset):
 def test_first_molecule_is_methane_with_targets_in_their_units(dataset):
     graph = dataset.graph(0, normalised=False)
     np.testing.assert_array_equal(graph.nodes["features"], node_features([6, 1, 1, 1, 1]))
-    np.testing.assert_allclose(graph.nodes["positions"][1], [0.002150416, -0.0060313176, 0.0019761204],
-                               rtol=1e-6)
+    np.testing.assert_allclose(graph.nodes["positions"][1], [0.002150416, -0.0060313176, 0.0019761204], rtol=1e-6)
     np.testing.assert_array_equal(graph.senders, [0, 1, 0, 2, 0, 3, 0, 4])  # paired edges
     np.testing.assert_array_equal(graph.receivers, [1, 0, 2, 0, 3, 0, 4, 0])
     np.testing.assert_array_equal(graph.edges["features"], np.tile(np.eye(4)[0], (8, 1)))
@@ -78,10 +86,12 @@ def test_first_molecule_is_methane_with_targets_in_their_units(dataset):
     assert dataset.targets[0, names.index("Cv")] == np.float32(6.469)
 
 
-def test_qm9_aromatic_bonds_are_found(dataset):
-    aromatic = np.mean(dataset.bond_types == BOND_TYPES.index("aromatic"))
-    assert 0 < aromatic < 0.2
-    assert set(np.unique(dataset.bond_types)) <= set(range(4))
+def test_qm9_bonds_are_kekule_as_the_reference(dataset):
+    """Double bonds are found and aromatic rings come out as alternating single/double bonds:
+    the aromatic column is always 0, as in NVIDIA's unsanitised SDF reading."""
+    assert np.mean(dataset.bond_types == BOND_TYPES.index("double")) > 0.01
+    assert not np.any(dataset.bond_types == BOND_TYPES.index("aromatic"))
+    assert set(np.unique(dataset.bond_types)) <= {0, 1, 2}
 
 
 def test_normalisation_uses_train_statistics_only(dataset):
@@ -93,7 +103,26 @@ def test_normalisation_uses_train_statistics_only(dataset):
     i = int(dataset.splits["val"][0])
     normalised = dataset.graph(i).globals["target"][0]
     assert normalised == np.float32((homo[i] - train.mean()) / train.std())
-    assert dataset.denormalise(normalised) == pytest.approx(homo[i], rel=1e-6)
+    assert not dataset.normalisation.atom_reference  # an intensive target: no atom references
+    back = dataset.normalisation.to_unit(np.array([normalised]), dataset.element_counts[[i]])
+    assert back[0] == pytest.approx(homo[i], rel=1e-6)
+
+
+def test_extensive_targets_subtract_per_atom_references_fitted_on_train(qm9_subset_cache):
+    """U0 spans hundreds of eV with molecule size; less the per-element references fitted on the
+    training split, what the model learns is a residual of a few eV."""
+    dataset = load_qm9(qm9_subset_cache, "U0", max_molecules=400, num_workers=1)
+    norm = dataset.normalisation
+    assert set(norm.atom_reference) <= {1, 6, 7, 8, 9} and {1, 6} <= set(norm.atom_reference)
+    u0 = dataset.task_targets.astype(np.float64)
+    assert u0.std() > 50 and norm.std < 0.1 * u0.std()  # eV: the references take out the size
+    train = dataset.splits["train"]
+    expected_fit, *_ = np.linalg.lstsq(dataset.element_counts[train], u0[train], rcond=None)
+    np.testing.assert_allclose([norm.atom_reference[z] for z in (1, 6)], expected_fit[:2], rtol=1e-6)
+    i = int(dataset.splits["test"][0])
+    back = norm.to_unit(dataset.normalised_targets([i]), dataset.element_counts[[i]])
+    assert back[0] == pytest.approx(u0[i], rel=1e-9)
+    assert Normalisation.from_json(json.loads(json.dumps(norm.to_json()))) == norm
 
 
 def test_batch_graphs_equals_batching_single_graphs(dataset):
@@ -109,10 +138,12 @@ def test_batch_graphs_equals_batching_single_graphs(dataset):
 def test_stats_match_the_arrays(dataset):
     train = dataset.splits["train"]
     stats = dataset.stats(train)
-    assert stats == {"mean_nodes": float(dataset.num_nodes[train].mean()),
-                     "mean_edges": float(dataset.num_edges[train].mean()),
-                     "max_nodes": int(dataset.num_nodes[train].max()),
-                     "max_edges": int(dataset.num_edges[train].max())}
+    assert stats == {
+        "mean_nodes": float(dataset.num_nodes[train].mean()),
+        "mean_edges": float(dataset.num_edges[train].mean()),
+        "max_nodes": int(dataset.num_nodes[train].max()),
+        "max_edges": int(dataset.num_edges[train].max()),
+    }
     assert 5 <= stats["mean_nodes"] <= 29 and stats["max_edges"] >= stats["max_nodes"]
 
 
@@ -150,8 +181,12 @@ def test_broken_cache_is_detected_logged_and_rebuilt(tmp_path, caplog, monkeypat
             np.savez(f, **contents)
     elif damage == "version":
         monkeypatch.setattr(qm9, "CACHE_FORMAT_VERSION", qm9.CACHE_FORMAT_VERSION + 1)
-    expected_reason = {"garbage": "unreadable", "truncated": "unreadable", "checksum": "checksum",
-                       "version": "format version"}[damage]
+    expected_reason = {
+        "garbage": "unreadable",
+        "truncated": "unreadable",
+        "checksum": "checksum",
+        "version": "format version",
+    }[damage]
     with caplog.at_level(logging.WARNING):
         rebuilt = load_qm9(tmp_path, max_molecules=k, num_workers=1)
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -164,6 +199,7 @@ def test_broken_cache_is_detected_logged_and_rebuilt(tmp_path, caplog, monkeypat
 def test_precomputed_harmonics_match_the_model_geometry(dataset):
     from se3jax.basis import edge_geometry
     from se3jax.graphs import HARMONICS
+
     seconds = dataset.precompute_harmonics(max_degree=3)
     try:
         assert seconds >= 0 and dataset.edge_harmonics.shape == (len(dataset.senders), 49)

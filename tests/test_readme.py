@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 
@@ -25,8 +23,12 @@ def test_python_example_runs(trained_workdir, tmp_path, monkeypatch):
 
 
 def test_shell_example_runs(trained_workdir, tmp_path):
-    script = example("shell").replace("runs/qm9", str(trained_workdir)).replace(
-        "scripts/predict.py", str(REPO / "scripts" / "predict.py")).replace("python3 ", f"{sys.executable} ")
+    script = (
+        example("shell")
+        .replace("runs/qm9", str(trained_workdir))
+        .replace("scripts/predict.py", str(REPO / "scripts" / "predict.py"))
+        .replace("python3 ", f"{sys.executable} ")
+    )
     result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "water" in result.stdout and "homo (eV)" in result.stdout

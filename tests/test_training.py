@@ -46,29 +46,33 @@ def read_metrics(workdir: Path, key: str) -> list[float]:
 
 
 def test_tiny_training_learns_and_writes_its_workdir(config, tmp_path):
+    """The tiny config learns: on 32 molecules the normalised L1 loss falls below 0.7 within 80
+    steps. (Predicting the training mean scores about 0.8, E|z| for Gaussian targets; the
+    model starts near 1.0 and measured 0.66 after 60 steps, 0.26 after 120.)"""
     config.max_train_molecules = 32
-    config.num_epochs = 12                 # 2 steps per epoch: 24 steps
+    config.num_epochs = 40  # 2 steps per epoch: 80 steps
     config.log_every_steps = 2
+    config.eval_every_epochs = 40
     result = train_and_evaluate(config, tmp_path)
     losses = read_metrics(tmp_path, "train_loss")
-    assert len(losses) == 12
-    assert np.mean(losses[-3:]) < 0.7 * losses[0], losses  # it learns (overfits 32 molecules)
-    assert result["step"] == 24 and np.isfinite(result["val_mae"]) and np.isfinite(result["test_mae"])
+    assert len(losses) == 40 and losses[0] > 0.9
+    assert np.mean(losses[-3:]) < 0.7, losses
+    assert result["step"] == 80 and np.isfinite(result["val_mae"]) and np.isfinite(result["test_mae"])
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["num_epochs"] == 12 and saved["task"] == "homo"
+    assert saved["num_epochs"] == 40 and saved["task"] == "homo"
     norm = json.loads((tmp_path / "normalisation.json").read_text())
     assert norm["unit"] == "eV" and norm["std"] > 0
     assert any((tmp_path / "tensorboard").iterdir())
 
 
 def test_resume_after_stop_equals_uninterrupted_run(config, tmp_path):
-    config.max_train_molecules = 48        # 3 steps per epoch
+    config.max_train_molecules = 48  # 3 steps per epoch
     config.num_epochs = 2
     config.checkpoint_every_steps = 2
     train_and_evaluate(config, tmp_path / "straight")
-    config.max_steps = 4                   # stop in the middle of epoch 2 ...
+    config.max_steps = 4  # stop in the middle of epoch 2 ...
     assert train_and_evaluate(config, tmp_path / "resumed")["step"] == 4
-    config.max_steps = 0                   # ... and restart in the same workdir
+    config.max_steps = 0  # ... and restart in the same workdir
     assert train_and_evaluate(config, tmp_path / "resumed")["step"] == 6
     straight, resumed = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
@@ -106,7 +110,7 @@ def test_two_devices_equal_one_device_on_the_combined_batch(config, two_batches_
     np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
     moved = 0.0
     for p1, p2, p0 in zip(*map(jax.tree.leaves, (one, two, state.params))):
-        np.testing.assert_allclose(p2, p1, rtol=1e-5, atol=1e-7)      # same update, reordered sums
+        np.testing.assert_allclose(p2, p1, rtol=1e-5, atol=1e-7)  # same update, reordered sums
         moved = max(moved, float(np.abs(p1 - p0).max()))
     assert moved > 1e-4  # the step really changed the parameters
 
@@ -140,7 +144,9 @@ def test_fp16_loss_scaling_skips_overflowing_steps(config, two_batches_and_combi
     step = jax.jit(make_train_step(model, optimizer))
     good, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
-    assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(good.params), jax.tree.leaves(state.params)))
+    assert any(
+        float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(good.params), jax.tree.leaves(state.params))
+    )
     # an absurd scale overflows fp16 gradients: the step is skipped and the scale halved
     huge = state.replace(loss_scale=dataclasses.replace(state.loss_scale, scale=jnp.float32(3e38)))
     skipped, _ = step(huge, batch)
@@ -149,13 +155,16 @@ def test_fp16_loss_scaling_skips_overflowing_steps(config, two_batches_and_combi
     assert float(skipped.loss_scale.scale) == pytest.approx(1.5e38)
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("batchsize", 4, "unknown config key 'batchsize'; did you mean 'batch_size'"),
-    ("task", "homo_lumo", "unknown task 'homo_lumo'; valid tasks: mu, alpha, homo"),
-    ("precision", "fp8", "config.precision='fp8' is not one of"),
-    ("batch_size", 0, "config.batch_size must be positive"),
-    ("log_every_steps", 50, "must be <= 10"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("batchsize", 4, "unknown config key 'batchsize'; did you mean 'batch_size'"),
+        ("task", "homo_lumo", "unknown task 'homo_lumo'; valid tasks: mu, alpha, homo"),
+        ("precision", "fp8", "config.precision='fp8' is not one of"),
+        ("batch_size", 0, "config.batch_size must be positive"),
+        ("log_every_steps", 50, "must be <= 10"),
+    ],
+)
 def test_bad_configs_are_rejected_clearly(config, key, value, message):
     with config.unlocked():
         config[key] = value
@@ -164,9 +173,21 @@ def test_bad_configs_are_rejected_clearly(config, key, value, message):
 
 
 def test_cli_rejects_a_config_typo():
-    result = subprocess.run([sys.executable, "train/main.py", "--config", "configs/test.py",
-                             "--config.batchsize=4", "--workdir", "/nonexistent/never/created"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train/main.py",
+            "--config",
+            "configs/test.py",
+            "--config.batchsize=4",
+            "--workdir",
+            "/nonexistent/never/created",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "batchsize" in result.stderr
     assert not Path("/nonexistent/never/created").exists()
@@ -186,12 +207,22 @@ def test_corrupt_checkpoint_gives_a_clear_error(config, tmp_path):
 
 def test_plot_metrics_renders_learning_curves(trained_workdir, tmp_path):
     out = tmp_path / "curves.png"
-    result = subprocess.run([sys.executable, "scripts/plot_metrics.py", str(trained_workdir), "--out", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "scripts/plot_metrics.py", str(trained_workdir), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
-    missing = subprocess.run([sys.executable, "scripts/plot_metrics.py", str(tmp_path)], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        [sys.executable, "scripts/plot_metrics.py", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode != 0 and "metrics.jsonl not found" in missing.stderr
 
 
@@ -199,9 +230,18 @@ def test_ctrl_c_saves_the_exact_position_and_the_rerun_resumes(qm9_subset_cache,
     import signal
     import time
 
-    args = [sys.executable, "train/main.py", "--config", "configs/test.py", "--workdir", str(tmp_path),
-            f"--config.cache_dir={qm9_subset_cache}", "--config.checkpoint_every_steps=100000",
-            "--config.log_every_steps=1", "--config.num_epochs=50"]  # ~19 steps per epoch
+    args = [
+        sys.executable,
+        "train/main.py",
+        "--config",
+        "configs/test.py",
+        "--workdir",
+        str(tmp_path),
+        f"--config.cache_dir={qm9_subset_cache}",
+        "--config.checkpoint_every_steps=100000",
+        "--config.log_every_steps=1",
+        "--config.num_epochs=50",
+    ]  # ~19 steps per epoch
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
@@ -214,10 +254,11 @@ def test_ctrl_c_saves_the_exact_position_and_the_rerun_resumes(qm9_subset_cache,
     step = manager.latest_step()
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     manager.close()
-    epoch, batch = position_after(step, qm9_subset_cache)   # from the loader's epoch lengths
+    epoch, batch = position_after(step, qm9_subset_cache)  # from the loader's epoch lengths
     assert step >= 3 and (meta["epoch"], meta["batch"]) == (epoch, batch)
-    result = subprocess.run(args[:-1] + [f"--config.max_steps={step + 2}"], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        args[:-1] + [f"--config.max_steps={step + 2}"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert f"resuming at step {step} (epoch {epoch}, batch {batch})" in result.stderr
 
@@ -226,11 +267,17 @@ def position_after(step: int, cache_dir) -> tuple[int, int]:
     """(epoch, batch) of the next batch after ``step`` steps of configs/test.py, from the
     number of batches the loader packs in each epoch (epochs may differ in length)."""
     from se3jax.data.qm9 import load_qm9
+
     config = load_config_file(REPO / "configs" / "test.py")
     dataset = load_qm9(cache_dir, config.task, config.max_molecules)
     idx = np.concatenate([dataset.splits[s] for s in ("train", "val", "test")])
-    loader = BatchLoader(dataset, dataset.splits["train"], config.batch_size,
-                         budget_for(dataset, idx, config.batch_size), seed=config.seed)
+    loader = BatchLoader(
+        dataset,
+        dataset.splits["train"],
+        config.batch_size,
+        budget_for(dataset, idx, config.batch_size),
+        seed=config.seed,
+    )
     epoch = 0
     while step >= loader.num_batches(epoch):
         step -= loader.num_batches(epoch)

@@ -20,7 +20,7 @@ def test_masked_l1_sums_real_graphs_only():
     predictions = jnp.array([1.0, -2.0, 0.5, 100.0])
     targets = jnp.array([0.0, 1.0, 0.5, 0.0])
     total, count = masked_l1(predictions, targets, jnp.array([True, True, True, False]))
-    assert float(total) == 1.0 + 3.0 + 0.0 and float(count) == 3.0   # the padding graph is ignored
+    assert float(total) == 1.0 + 3.0 + 0.0 and float(count) == 3.0  # the padding graph is ignored
 
 
 def test_metrics_window_means_over_molecules_and_keeps_the_newest_in_flight():
@@ -28,11 +28,11 @@ def test_metrics_window_means_over_molecules_and_keeps_the_newest_in_flight():
     window.add({"loss": 1.0, "num_graphs": 10.0})
     window.add({"loss": 4.0, "num_graphs": 30.0})
     window.add({"loss": 100.0, "num_graphs": 5.0})
-    m = window.flush(keep_newest=True)                   # the last step is not fetched yet
+    m = window.flush(keep_newest=True)  # the last step is not fetched yet
     assert m["loss"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40) and m["molecules"] == 40
     m = window.flush()
     assert m["loss"] == 100.0 and m["molecules"] == 5 and m["molecules_per_s"] > 0
-    assert window.flush() is None                         # nothing left: no empty row
+    assert window.flush() is None  # nothing left: no empty row
 
 
 class Loader:
@@ -53,12 +53,14 @@ class Loader:
 
             def close(self):
                 loader.closed += 1
+
         return Batches()
 
 
-@pytest.mark.parametrize("start,expected_first,count", [
-    (Position(0, 0), (0, 0), 7), (Position(1, 2), (1, 2), 3), (Position(0, 2), (1, 0), 5),
-    (Position(3, 0), None, 0)])
+@pytest.mark.parametrize(
+    "start,expected_first,count",
+    [(Position(0, 0), (0, 0), 7), (Position(1, 2), (1, 2), 3), (Position(0, 2), (1, 0), 5), (Position(3, 0), None, 0)],
+)
 def test_training_batches_resume_from_any_position(start, expected_first, count):
     loader = Loader()
     items = list(training_batches(loader, start, num_epochs=3, put=lambda b: ("on device", b)))
@@ -75,6 +77,7 @@ def test_schedule_length_counts_every_epochs_batches(qm9_subset):
     """Epochs pack different numbers of batches: the cosine schedule spans their sum."""
     from se3jax.data.loader import BatchLoader
     from se3jax.graphs import PaddingBudget
+
     idx = qm9_subset.splits["train"]
     stats = qm9_subset.stats(idx)  # a budget for 16 average molecules: big ones close batches early
     budget = PaddingBudget(int(16 * stats["mean_nodes"]) + 1, 2 * int(8 * stats["mean_edges"]), 17)
@@ -83,6 +86,7 @@ def test_schedule_length_counts_every_epochs_batches(qm9_subset):
     assert 6 * lengths[0] != sum(lengths), lengths  # the premise: packing varies with the shuffle
     from se3jax.training.config import load_config_file
     from se3jax.training.train import learning_rate_schedule, total_training_steps
+
     config = load_config_file(REPO / "configs" / "test.py")
     config.num_epochs = 6
     assert total_training_steps(loader, config.num_epochs) == sum(lengths)
@@ -100,7 +104,7 @@ def test_resuming_under_a_changed_config_is_refused(tmp_path):
     files.check_resumable(tmp_path, {**saved, "num_epochs": 10, "log_every_steps": 1})  # safe
     with pytest.raises(ValueError, match=r"batch_size: 16 -> 32, seed: 0 -> 1.*new workdir"):
         files.check_resumable(tmp_path, {**saved, "seed": 1, "batch_size": 32})
-    (tmp_path / files.CHECKPOINT_DIR / "4").rmdir()      # no checkpoint: any config may start
+    (tmp_path / files.CHECKPOINT_DIR / "4").rmdir()  # no checkpoint: any config may start
     files.check_resumable(tmp_path, {**saved, "seed": 1})
 
 

@@ -17,8 +17,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from se3jax.training.train import train_and_evaluate  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/qm9.py", "Training configuration file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/qm9.py", "Training configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/qm9", "Where checkpoints, metrics and the resolved config go.")
 
 

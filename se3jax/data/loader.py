@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jraph
@@ -31,8 +31,9 @@ def budget_for(dataset, indices, batch_size: int, slack: float = 1.1) -> Padding
     return PaddingBudget.for_batch(batch_size, **dataset.stats(indices), slack=slack)
 
 
-def pack_batches(num_nodes: Sequence[int], num_edges: Sequence[int], order: Sequence[int],
-                 batch_size: int, budget: PaddingBudget) -> list[np.ndarray]:
+def pack_batches(
+    num_nodes: Sequence[int], num_edges: Sequence[int], order: Sequence[int], batch_size: int, budget: PaddingBudget
+) -> list[np.ndarray]:
     """Split ``order`` (molecule indices) into consecutive batches of at most ``batch_size``
     molecules that each fit ``budget``; a batch closes early when the next would not fit."""
     order = np.asarray(order, np.int64)
@@ -42,8 +43,9 @@ def pack_batches(num_nodes: Sequence[int], num_edges: Sequence[int], order: Sequ
     bounds, batch_nodes, batch_edges, count = [0], 0, 0, 0
     for k, (n, e) in enumerate(zip(nodes, edges)):
         if not budget.fits(n, e, 1):
-            raise ValueError(f"molecule {order[k]} ({n} nodes, {e} edges) does not fit the padding "
-                             f"budget {budget} on its own")
+            raise ValueError(
+                f"molecule {order[k]} ({n} nodes, {e} edges) does not fit the padding budget {budget} on its own"
+            )
         if count and (count == max_graphs or not budget.fits(batch_nodes + n, batch_edges + e, count + 1)):
             bounds.append(k)
             batch_nodes, batch_edges, count = 0, 0, 0
@@ -72,12 +74,23 @@ class BatchLoader:
     that all processes run the same number of steps (collectives never wait on a missing one).
     """
 
-    def __init__(self, dataset, indices, batch_size: int, budget: PaddingBudget,
-                 shuffle: bool = True, seed: int = 0, num_devices: int = 1, prefetch: int = 4,
-                 process_index: int = 0, process_count: int = 1):
+    def __init__(
+        self,
+        dataset,
+        indices,
+        batch_size: int,
+        budget: PaddingBudget,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_devices: int = 1,
+        prefetch: int = 4,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         if batch_size < 1 or num_devices < 1 or prefetch < 1:
-            raise ValueError(f"batch_size ({batch_size}), num_devices ({num_devices}) and prefetch "
-                             f"({prefetch}) must be positive")
+            raise ValueError(
+                f"batch_size ({batch_size}), num_devices ({num_devices}) and prefetch ({prefetch}) must be positive"
+            )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} outside [0, {process_count})")
         self.process_index, self.process_count = process_index, process_count
@@ -97,12 +110,13 @@ class BatchLoader:
     def plan(self, epoch: int) -> list[list[np.ndarray]]:
         """The epoch's steps: each a list of ``num_devices`` index arrays (empty = padding)."""
         if epoch not in self._plans:
-            batches = pack_batches(self.dataset.num_nodes, self.dataset.num_edges,
-                                   self.order(epoch), self.batch_size, self.budget)
+            batches = pack_batches(
+                self.dataset.num_nodes, self.dataset.num_edges, self.order(epoch), self.batch_size, self.budget
+            )
             d = self.num_devices
             batches += [np.zeros(0, np.int64)] * (-len(batches) % (d * self.process_count))
-            groups = [batches[k:k + d] for k in range(0, len(batches), d)]
-            self._plans = {epoch: groups[self.process_index::self.process_count]}
+            groups = [batches[k : k + d] for k in range(0, len(batches), d)]
+            self._plans = {epoch: groups[self.process_index :: self.process_count]}
         return self._plans[epoch]
 
     def num_batches(self, epoch: int) -> int:
@@ -112,8 +126,7 @@ class BatchLoader:
     def assemble(self, step: list[np.ndarray]) -> jraph.GraphsTuple:
         """One step's padded batch (stacked over devices when ``num_devices > 1``), its values
         checked on the host (a compiled step cannot check them)."""
-        batches = [pad_to_budget(self.dataset.batch_graphs(idx), self.budget)
-                   for idx in step]
+        batches = [pad_to_budget(self.dataset.batch_graphs(idx), self.budget) for idx in step]
         for batch in batches:
             check_values(batch)
         return batches[0] if self.num_devices == 1 else _stack(batches)
@@ -124,8 +137,7 @@ class BatchLoader:
         steps = self.plan(epoch)
         if not 0 <= start_batch <= len(steps):
             raise ValueError(f"start_batch {start_batch} outside [0, {len(steps)}] for epoch {epoch}")
-        return BackgroundIterator((self.assemble(step) for step in steps[start_batch:]),
-                                  self.prefetch)
+        return BackgroundIterator((self.assemble(step) for step in steps[start_batch:]), self.prefetch)
 
 
 _ITEM, _END, _ERROR = range(3)
@@ -141,8 +153,9 @@ class BackgroundIterator:
         self._done = False
         # the thread gets only the queue and the event, not ``self``: abandoning the iterator
         # lets it be garbage-collected, and __del__ stops the thread
-        self._thread = threading.Thread(target=_produce, args=(items, self._queue, self._stop),
-                                        daemon=True, name="se3jax-batch-loader")
+        self._thread = threading.Thread(
+            target=_produce, args=(items, self._queue, self._stop), daemon=True, name="se3jax-batch-loader"
+        )
         self._thread.start()
 
     def __iter__(self):

@@ -15,8 +15,8 @@ the training data.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -25,9 +25,9 @@ from se3jax.data.molecules import atomic_numbers_from, validate_positions
 
 @dataclasses.dataclass
 class MoleculeRecord:
-    source: str          # file path
-    index: int           # 0-based position of the molecule in its file
-    name: str            # the comment line (xyz) or molecule name (sdf), else "file#index"
+    source: str  # file path
+    index: int  # 0-based position of the molecule in its file
+    name: str  # the comment line (xyz) or molecule name (sdf), else "file#index"
     atoms: list
     positions: np.ndarray
 
@@ -74,7 +74,7 @@ def read_xyz(path: str | Path) -> Iterator[MoleculeRecord | MoleculeError]:
         except ValueError:
             yield MoleculeError(source, index, f"line {pos + 1}: expected an atom count, got {lines[pos]!r}")
             return
-        block = lines[pos + 2:pos + 2 + count]
+        block = lines[pos + 2 : pos + 2 + count]
         if len(block) < count:
             yield MoleculeError(source, index, f"file ends after {len(block)} of {count} atom lines")
             return

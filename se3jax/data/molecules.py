@@ -31,6 +31,10 @@ NODE_FEATURES_DIM = len(ELEMENTS) + 1
 BOND_TYPES = ("single", "double", "triple", "aromatic")
 EDGE_FEATURES_DIM = len(BOND_TYPES)
 
+# Atoms closer than this are an input error (the shortest bond, H-H, is 0.74 A; QM9's shortest
+# interatomic distance is about 0.96 A): bonds and edge directions would be meaningless.
+MIN_ATOM_DISTANCE = 0.5
+
 _Z_BY_SYMBOL = dict(zip(ELEMENTS, ATOMIC_NUMBERS))
 _ELEMENT_INDEX_BY_Z = np.full(max(ATOMIC_NUMBERS) + 1, -1, np.int64)
 _ELEMENT_INDEX_BY_Z[list(ATOMIC_NUMBERS)] = np.arange(len(ATOMIC_NUMBERS))
@@ -39,8 +43,8 @@ _ELEMENT_INDEX_BY_Z[list(ATOMIC_NUMBERS)] = np.arange(len(ATOMIC_NUMBERS))
 class BondMethod(enum.IntEnum):
     """How the bonds of a molecule were found (stored per molecule in the QM9 cache)."""
 
-    DETERMINE_BONDS = 0   # RDKit DetermineBonds, connect-the-dots connectivity: the normal case
-    HUECKEL = 1           # the same with extended-Hueckel connectivity, after the first failed
+    DETERMINE_BONDS = 0  # RDKit DetermineBonds, connect-the-dots connectivity: the normal case
+    HUECKEL = 1  # the same with extended-Hueckel connectivity, after the first failed
     CONNECTIVITY_ONLY = 2  # bond orders could not be assigned: connectivity, all bonds single
 
 
@@ -62,8 +66,10 @@ def atomic_numbers_from(symbols_or_numbers) -> np.ndarray:
         else:
             z = None
         if z is None:
-            raise ValueError(f"unsupported element {item!r} (atom {atom}); supported elements are "
-                             f"{', '.join(ELEMENTS)} (atomic numbers {ATOMIC_NUMBERS})")
+            raise ValueError(
+                f"unsupported element {item!r} (atom {atom}); supported elements are "
+                f"{', '.join(ELEMENTS)} (atomic numbers {ATOMIC_NUMBERS})"
+            )
         numbers.append(z)
     return np.asarray(numbers, np.int64)
 
@@ -97,6 +103,15 @@ def validate_positions(positions, num_atoms: int | None = None) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
     if bad.size:
         raise ValueError(f"positions of atom(s) {bad[:10].tolist()} are NaN or infinite")
+    if len(positions) > 1:
+        d = np.linalg.norm(positions[:, None] - positions[None], axis=-1) + np.diag(np.full(len(positions), np.inf))
+        i, j = np.unravel_index(np.argmin(d), d.shape)
+        if d[i, j] < MIN_ATOM_DISTANCE:
+            raise ValueError(
+                f"atoms {min(i, j)} and {max(i, j)} are {d[i, j]:.3g} A apart, closer than "
+                f"{MIN_ATOM_DISTANCE} A: coincident or nearly coincident atoms (a duplicated "
+                f"line in the file?)"
+            )
     return positions
 
 
@@ -146,14 +161,26 @@ def _bond_type_index(bond) -> int:
 
     if bond.GetIsAromatic():
         return BOND_TYPES.index("aromatic")
-    return {Chem.BondType.DOUBLE: 1, Chem.BondType.TRIPLE: 2,
-            Chem.BondType.AROMATIC: 3}.get(bond.GetBondType(), 0)
+    return {Chem.BondType.DOUBLE: 1, Chem.BondType.TRIPLE: 2, Chem.BondType.AROMATIC: 3}.get(bond.GetBondType(), 0)
+
+
+def _kekulize(mol) -> None:
+    """Alternating single/double bonds instead of aromatic ones: NVIDIA's reference reads QM9's
+    SDF unsanitised (Kekule form, its aromatic column always 0), so the same model sees the
+    same edge features. A ring RDKit cannot kekulize keeps its aromatic flags."""
+    from rdkit import Chem
+
+    try:
+        Chem.Kekulize(mol, clearAromaticFlags=True)
+    except Exception:  # RDKit raises KekulizeException for unkekulizable rings
+        logger.warning("RDKit could not kekulize a molecule; its aromatic bonds stay aromatic")
 
 
 def infer_bond_list(atomic_numbers, positions) -> tuple[np.ndarray, BondMethod]:
     """Undirected bonds ``[B, 3]`` int64 rows (i, j, bond-type index) with i < j, and how they
     were found. RDKit's ``DetermineBonds`` (charge 0) first, then with extended-Hueckel
-    connectivity, then connectivity only (all single) -- a molecule is never dropped."""
+    connectivity, then connectivity only (all single) -- a molecule is never dropped. Bond
+    orders are in Kekule form (single/double/triple, as the reference's QM9 graphs)."""
     from rdkit.Chem import rdDetermineBonds
 
     z = np.asarray(atomic_numbers, np.int64).reshape(-1)
@@ -162,7 +189,7 @@ def infer_bond_list(atomic_numbers, positions) -> tuple[np.ndarray, BondMethod]:
         return np.zeros((0, 3), np.int64), BondMethod.DETERMINE_BONDS
 
     with _quiet_rdkit():
-        for method, use_hueckel in ((BondMethod.DETERMINE_BONDS, False), (BondMethod.HUECKEL, True)):
+        for method, use_hueckel in ((BondMethod.DETERMINE_BONDS, False), (BondMethod.HUECKEL, True)):  # noqa: B007 (read after the loop)
             mol = _rdkit_molecule(z, positions)
             try:
                 rdDetermineBonds.DetermineBonds(mol, charge=0, useHueckel=use_hueckel)
@@ -174,6 +201,8 @@ def infer_bond_list(atomic_numbers, positions) -> tuple[np.ndarray, BondMethod]:
             mol = _rdkit_molecule(z, positions)
             rdDetermineBonds.DetermineConnectivity(mol, charge=0)
 
+    if method != BondMethod.CONNECTIVITY_ONLY:
+        _kekulize(mol)
     bonds = []
     for bond in mol.GetBonds():
         i, j = sorted((bond.GetBeginAtomIdx(), bond.GetEndAtomIdx()))
@@ -249,5 +278,4 @@ def molecule_to_graph(atomic_numbers, positions, bonds=None, target=None) -> jra
         bond_rows = _bonds_from_user(bonds, len(z))
     senders, receivers, types = directed_edges(bond_rows)
     globals_ = None if target is None else {TARGET: np.float32(target)}
-    return molecule_graph(positions, node_features(z), senders, receivers,
-                             edge_features(types), globals_)
+    return molecule_graph(positions, node_features(z), senders, receivers, edge_features(types), globals_)

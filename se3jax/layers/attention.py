@@ -14,8 +14,7 @@ from se3jax.layers.linear import LinearSE3
 from se3jax.precision import at_least_f32, get_policy
 
 
-def segment_softmax(logits: jax.Array, segments: jax.Array, num_segments: int,
-                    mask: jax.Array) -> jax.Array:
+def segment_softmax(logits: jax.Array, segments: jax.Array, num_segments: int, mask: jax.Array) -> jax.Array:
     """Softmax of ``logits [E, H]`` over the edges of each segment (destination node), in
     (at least) float32. Masked (padding) edges get weight 0 and no gradient; a segment with no real
     edge gets no weight at all (no NaN).
@@ -68,17 +67,22 @@ class AttentionBlockSE3(nn.Module):
     @nn.compact
     def __call__(self, features: Features, edges: EdgeInputs) -> Features:
         value_fiber, key_fiber = self.fibers()
-        kv = ConvSE3(self.fiber_in, value_fiber + key_fiber, return_messages=True,
-                     execution=self.execution, name="key_value_conv")(features, edges)
-        values = {d: kv[d][:, :value_fiber[d]] for d in value_fiber.degrees}   # [E, C_d, 2d+1]
-        keys = {d: kv[d][:, value_fiber[d]:] for d in key_fiber.degrees}
+        kv = ConvSE3(
+            self.fiber_in,
+            value_fiber + key_fiber,
+            return_messages=True,
+            execution=self.execution,
+            name="key_value_conv",
+        )(features, edges)
+        values = {d: kv[d][:, : value_fiber[d]] for d in value_fiber.degrees}  # [E, C_d, 2d+1]
+        keys = {d: kv[d][:, value_fiber[d] :] for d in key_fiber.degrees}
         queries = LinearSE3(self.fiber_in, key_fiber, execution=self.execution, name="query")(features)
 
         policy = get_policy(self.execution.precision)
         num_nodes = next(iter(features.values())).shape[0]
         with jax.named_scope("attention"):
-            k = split_heads(keys, self.num_heads)                                # [E, H, c]
-            q = split_heads(queries, self.num_heads)[edges.receivers]            # [E, H, c]
+            k = split_heads(keys, self.num_heads)  # [E, H, c]
+            q = split_heads(queries, self.num_heads)[edges.receivers]  # [E, H, c]
             logits = policy.einsum("ehc,ehc->eh", k, q) / jnp.sqrt(float(key_fiber.num_features))
             alpha = segment_softmax(logits, edges.receivers, num_nodes, edges.mask)  # [E, H]
             attended = {}
@@ -88,6 +92,8 @@ class AttentionBlockSE3(nn.Module):
                 attended[d] = jax.ops.segment_sum(weighted, edges.receivers, num_nodes)
 
         skip = self.fiber_in.restrict(value_fiber.degrees)
-        z = {d: jnp.concatenate([attended[d], at_least_f32(features[d])], axis=1)
-             if d in skip else attended[d] for d in value_fiber.degrees}
+        z = {
+            d: jnp.concatenate([attended[d], at_least_f32(features[d])], axis=1) if d in skip else attended[d]
+            for d in value_fiber.degrees
+        }
         return LinearSE3(value_fiber + skip, self.fiber_out, execution=self.execution, name="project")(z)

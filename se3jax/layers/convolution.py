@@ -43,10 +43,11 @@ import numpy as np
 
 from se3jax.basis import harmonics_dim, num_frequencies, path_basis_matrix
 from se3jax.edges import EdgeInputs
-from se3jax.execution import Execution, FuseLevel, edge_chunk_rows, remat_radial, resolve_fuse_level
+from se3jax.execution import Execution, FuseLevel, edge_chunk_rows, remat_radial, resolve_fuse_level, resolve_kernel
 from se3jax.fiber import Features, Fiber, degree_dim
+from se3jax.layers.fused_kernel import fused_messages, reference_messages
 from se3jax.layers.linear import LinearSE3
-from se3jax.layers.radial import RadialProfile, scaled_normal_columns
+from se3jax.layers.radial import RadialProfile, radial_trunks, stack_trunks
 from se3jax.precision import Policy, get_policy
 
 
@@ -55,7 +56,7 @@ def all_paths(max_degree: int) -> tuple[tuple[int, int], ...]:
     return tuple((a, b) for a in range(max_degree + 1) for b in range(max_degree + 1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def path_bases_matrix(max_degree: int) -> tuple[np.ndarray, dict]:
     """Q for all paths at once: ``Y @ Q`` gives every path's basis, flattened and concatenated
     (1,092 numbers per edge for degrees 0..3), plus each path's column offset."""
@@ -87,11 +88,11 @@ class PathGroup:
     out_degrees: tuple[int, ...]
     c_in: int
     c_out: int
-    n_freq: int                # fused frequency axis F_g
-    in_dim: int                # sum over in_degrees of 2d+1
-    out_dim: int               # sum over out_degrees of 2d+1
-    weight_index: np.ndarray   # [c_out * c_in * F_g]: columns of the canonical radial kernel
-    basis_index: np.ndarray    # [in_dim * F_g * out_dim]: columns of the path bases (-1 = 0)
+    n_freq: int  # fused frequency axis F_g
+    in_dim: int  # sum over in_degrees of 2d+1
+    out_dim: int  # sum over out_degrees of 2d+1
+    weight_index: np.ndarray  # [c_out * c_in * F_g]: columns of the canonical radial kernel
+    basis_index: np.ndarray  # [in_dim * F_g * out_dim]: columns of the path bases (-1 = 0)
 
     @property
     def row_weights(self) -> int:
@@ -101,8 +102,7 @@ class PathGroup:
     def __eq__(self, other) -> bool:
         if not isinstance(other, PathGroup):
             return NotImplemented
-        return all(np.array_equal(getattr(self, f.name), getattr(other, f.name))
-                   for f in dataclasses.fields(self))
+        return all(np.array_equal(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))
 
     def __hash__(self):
         return hash((self.in_degrees, self.out_degrees, self.c_in, self.c_out, self.n_freq))
@@ -113,21 +113,17 @@ class ConvPlan:
     fiber_in: Fiber
     fiber_out: Fiber
     level: FuseLevel
-    max_degree: int                     # degree range of the shared path bases
+    max_degree: int  # degree range of the shared path bases
     paths: tuple[tuple[int, int], ...]  # canonical path order of the radial kernel
-    path_offsets: tuple[int, ...]       # start column of each path's block
+    path_offsets: tuple[int, ...]  # start column of each path's block
     n_weights: int
     groups: tuple[PathGroup, ...]
 
-    @property
-    def weight_fan_in(self) -> np.ndarray:
-        """Per canonical column: how many terms feed its output (for initialisation)."""
-        fan = np.zeros(self.n_weights)
-        for (d_in, d_out), off in zip(self.paths, self.path_offsets):
-            n = self.fiber_out[d_out] * self.fiber_in[d_in] * num_frequencies(d_in, d_out)
-            total = sum(self.fiber_in[a] * num_frequencies(a, d_out) for a in self.fiber_in.degrees)
-            fan[off:off + n] = total
-        return fan
+    def path_columns(self, path: tuple[int, int]) -> np.ndarray:
+        """The canonical kernel columns of one ``(d_in, d_out)`` path (its block ``[o, i, f]``)."""
+        d_in, d_out = path
+        start = self.path_offsets[self.paths.index(path)]
+        return np.arange(start, start + self.fiber_out[d_out] * self.fiber_in[d_in] * num_frequencies(d_in, d_out))
 
     @property
     def max_group_row_weights(self) -> int:
@@ -145,7 +141,7 @@ def _group_degrees(level: FuseLevel, fiber_in: Fiber, fiber_out: Fiber):
     return [(ins, outs)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def conv_plan(fiber_in: Fiber, fiber_out: Fiber, level: FuseLevel, max_degree: int) -> ConvPlan:
     """Static execution plan of a convolution (numpy, built once per fiber pair and level).
     ``level`` must be one the fibers allow (:func:`se3jax.execution.resolve_fuse_level`)."""
@@ -153,8 +149,9 @@ def conv_plan(fiber_in: Fiber, fiber_out: Fiber, level: FuseLevel, max_degree: i
     if level == FuseLevel.AUTO:
         raise ValueError("conv_plan needs a concrete level: resolve 'auto' first")
     if max(fiber_in.max_degree, fiber_out.max_degree) > max_degree:
-        raise ValueError(f"fibers {fiber_in} -> {fiber_out} need degrees above the edge harmonics' "
-                         f"max_degree {max_degree}")
+        raise ValueError(
+            f"fibers {fiber_in} -> {fiber_out} need degrees above the edge harmonics' max_degree {max_degree}"
+        )
     paths = tuple((a, b) for b in fiber_out.degrees for a in fiber_in.degrees)
     offsets, col = [], 0
     for a, b in paths:
@@ -181,9 +178,20 @@ def conv_plan(fiber_in: Fiber, fiber_out: Fiber, level: FuseLevel, max_degree: i
             ia, ib = in_degrees.index(a), out_degrees.index(b)
             nf = num_frequencies(a, b)
             local = np.arange(degree_dim(a) * nf * degree_dim(b)).reshape(degree_dim(a), nf, degree_dim(b))
-            bidx[in_off[ia]:in_off[ia + 1], g, out_off[ib]:out_off[ib + 1]] = bases_offset[(a, b)] + local[:, f, :]
-        groups.append(PathGroup(in_degrees, out_degrees, c_in, c_out, n_f, int(in_off[-1]),
-                                int(out_off[-1]), w.reshape(-1), bidx.reshape(-1)))
+            bidx[in_off[ia] : in_off[ia + 1], g, out_off[ib] : out_off[ib + 1]] = bases_offset[(a, b)] + local[:, f, :]
+        groups.append(
+            PathGroup(
+                in_degrees,
+                out_degrees,
+                c_in,
+                c_out,
+                n_f,
+                int(in_off[-1]),
+                int(out_off[-1]),
+                w.reshape(-1),
+                bidx.reshape(-1),
+            )
+        )
     return ConvPlan(fiber_in, fiber_out, level, max_degree, paths, tuple(offsets), col, tuple(groups))
 
 
@@ -198,9 +206,16 @@ def group_basis(bases: jax.Array, group: PathGroup) -> jax.Array:
     return gathered.reshape(bases.shape[0], group.in_dim, group.n_freq, group.out_dim)
 
 
-def tfn_messages(plan: ConvPlan, hidden: jax.Array, kernel: jax.Array, x_src: Features,
-                 harmonics: jax.Array, policy: Policy | str = "fp32",
-                 paired: bool = False) -> Features:
+def tfn_messages(
+    plan: ConvPlan,
+    hidden: jax.Array,
+    kernel: jax.Array,
+    x_src: Features,
+    harmonics: jax.Array,
+    policy: Policy | str = "fp32",
+    paired: bool = False,
+    kernel_choice: str = "xla",
+) -> Features:
     """Per-edge TFN messages ``{d_out: [E, c_out, 2 d_out + 1]}`` (at least float32).
 
     ``hidden`` [R, mid] and ``kernel`` [mid, n_weights] are the radial MLP's last activation
@@ -212,6 +227,8 @@ def tfn_messages(plan: ConvPlan, hidden: jax.Array, kernel: jax.Array, x_src: Fe
 
     ``paired``: edges ``2k, 2k+1`` are the two directions of bond ``k``: the radial weights
     (the dominant cost) are computed once per bond and contracted with both directions.
+    ``kernel_choice``: ``xla`` (einsums) or ``pallas`` (se3jax.layers.fused_kernel: the radial
+    weights never leave the chip); the same function.
     """
     policy = get_policy(policy)
     num_edges = x_src[next(iter(x_src))].shape[0]
@@ -220,32 +237,24 @@ def tfn_messages(plan: ConvPlan, hidden: jax.Array, kernel: jax.Array, x_src: Fe
         raise ValueError(f"{num_rows} radial rows for {num_edges} edges (paired={paired})")
     # named scopes label the ops for profiles (se3jax.profiling)
     with jax.named_scope("basis"):
-        bases = path_bases(harmonics, plan.max_degree, policy)   # [E, n_path_bases]
-    h = hidden.astype(policy.compute_dtype)                       # [R, mid]
+        bases = path_bases(harmonics, plan.max_degree, policy)  # [E, n_path_bases]
+    h = hidden.astype(policy.compute_dtype)  # [R, mid]
     out = {}
     for group in plan.groups:
         with jax.named_scope("basis"):
-            basis = group_basis(bases, group)                                 # [E, l, f, k]
+            basis = group_basis(bases, group)  # [E, l, f, k]
         with jax.named_scope("tfn_contraction"):
-            x = jnp.concatenate([x_src[a] for a in group.in_degrees], axis=-1)   # [E, i, l]
+            x = jnp.concatenate([x_src[a] for a in group.in_degrees], axis=-1)  # [E, i, l]
             # tmp[e, i, f, k] = sum_l x[e, i, l] basis[e, l, f, k]
             tmp = policy.einsum("eil,elfk->eifk", x, basis, wide_result=False)
-        with jax.named_scope("radial_weights"):
-            # the group's per-row weights, laid out as [R, o, (i, f)]: the largest tensor here
-            w = jnp.take(kernel, jnp.asarray(group.weight_index), axis=1)    # [mid, o*i*f]
-            radial = policy.einsum("rm,mw->rw", h, w, wide_result=False)
-            radial = radial.reshape(num_rows, group.c_out, group.c_in * group.n_freq)
-        with jax.named_scope("tfn_contraction"):
-            if paired:  # one radial matrix per bond, applied to both of its directions (s)
-                tmp = tmp.reshape(num_rows, 2, group.c_in * group.n_freq, group.out_dim)
-                msg = policy.einsum("roj,rsjk->rsok", radial, tmp)         # [R, 2, o, k]
-            else:
-                tmp = tmp.reshape(num_edges, group.c_in * group.n_freq, group.out_dim)
-                msg = policy.einsum("eoj,ejk->eok", radial, tmp)            # [E, o, k]
-            msg = msg.reshape(num_edges, group.c_out, group.out_dim)
+        # the group's per-row radial weights are h @ w, laid out as [R, o, (i, f)]
+        w = jnp.take(kernel, jnp.asarray(group.weight_index), axis=1)  # [mid, o*i*f]
+        t = tmp.reshape(num_rows, 2 if paired else 1, group.c_in * group.n_freq, group.out_dim)  # [R, S, j, k]
+        contract = fused_messages if kernel_choice == "pallas" else reference_messages
+        msg = contract(h, w, t, policy).reshape(num_edges, group.c_out, group.out_dim)  # [E, o, k]
         start = 0
         for b in group.out_degrees:
-            piece = msg[..., start:start + degree_dim(b)]
+            piece = msg[..., start : start + degree_dim(b)]
             out[b] = piece if b not in out else out[b] + piece
             start += degree_dim(b)
     return out
@@ -282,9 +291,17 @@ def by_edge(x: jax.Array) -> jax.Array:
     return x.reshape((-1,) + x.shape[2:])
 
 
-def edge_messages(plan: ConvPlan, kernel: jax.Array, features: Features, policy: Policy,
-                  paired: bool, hidden: jax.Array, harmonics: jax.Array,
-                  senders: jax.Array) -> Features:
+def edge_messages(
+    plan: ConvPlan,
+    kernel: jax.Array,
+    features: Features,
+    policy: Policy,
+    paired: bool,
+    kernel_choice: str,
+    hidden: jax.Array,
+    harmonics: jax.Array,
+    senders: jax.Array,
+) -> Features:
     """Messages of one chunk of rows (edges, or bonds with their two directions if ``paired``):
     gathers the source features and builds the bases inside the chunk, so only node-sized
     and 49-wide per-edge arrays stay live across chunks."""
@@ -292,7 +309,7 @@ def edge_messages(plan: ConvPlan, kernel: jax.Array, features: Features, policy:
         harmonics, senders = by_edge(harmonics), by_edge(senders)
     with jax.named_scope("gather"):
         x_src = {d: x[senders] for d, x in features.items()}
-    out = tfn_messages(plan, hidden, kernel, x_src, harmonics, policy, paired)
+    out = tfn_messages(plan, hidden, kernel, x_src, harmonics, policy, paired, kernel_choice)
     return {d: by_bond(m) for d, m in out.items()} if paired else out
 
 
@@ -301,7 +318,9 @@ class ConvSE3(nn.Module):
 
     Call with node features ``{d: [N, C_d, 2d+1]}`` and the :class:`~se3jax.edges.EdgeInputs`
     of the graph. Returns ``{d: [N, C_d, 2d+1]}`` summed over incoming real edges, plus a
-    per-degree self-interaction when ``self_interaction`` (or the per-edge messages
+    per-degree self-interaction ``W x`` of each node's own features when ``self_interaction``
+    is set: ``per_edge`` adds it once per incoming real edge (NVIDIA's reference: the term is
+    scaled by the node's in-degree), ``per_node`` once (or the per-edge messages
     ``{d: [E, C_d, 2d+1]}`` when ``return_messages``).
 
     How it runs (fusion level, precision, edge chunks, rematerialisation of the per-edge
@@ -310,13 +329,14 @@ class ConvSE3(nn.Module):
 
     fiber_in: Fiber
     fiber_out: Fiber
-    self_interaction: bool = False
+    self_interaction: str = ""  # "" none; "per_edge" (the reference's) or "per_node"
     return_messages: bool = False  # attention wants per-edge outputs, not node sums
     execution: Execution = Execution()
 
     def plan(self, max_degree: int, backend: str | None = None) -> ConvPlan:
-        level = resolve_fuse_level(self.execution.fuse_level, self.fiber_in, self.fiber_out,
-                                   backend, self.execution.mode)
+        level = resolve_fuse_level(
+            self.execution.fuse_level, self.fiber_in, self.fiber_out, backend, self.execution.mode
+        )
         return conv_plan(self.fiber_in, self.fiber_out, level, max_degree)
 
     @nn.compact
@@ -332,9 +352,14 @@ class ConvSE3(nn.Module):
             raise ValueError(f"paired edges need an even edge count, got {num_edges}")
         # both directions of a bond share length and bond features: one radial row per bond
         scalars = edges.scalars[0::2] if paired else edges.scalars
-        hidden, kernel = RadialProfile(plan.n_weights, scaled_normal_columns(1.0 / np.sqrt(plan.weight_fan_in)),
-                                       execution=execution, name="radial")(scalars)
-        messages = functools.partial(edge_messages, plan, kernel, features, policy, paired)
+        trunks = radial_trunks(self.fiber_in, self.fiber_out, edges.max_degree)
+        outputs, columns = [], []
+        for t, paths in enumerate(trunks):
+            columns.append(np.concatenate([plan.path_columns(p) for p in paths]))
+            name = "radial" if len(trunks) == 1 else f"radial_{t}"
+            outputs.append(RadialProfile(len(columns[-1]), execution=execution, name=name)(scalars))
+        hidden, kernel = stack_trunks(outputs, columns, plan.n_weights)
+        messages = functools.partial(edge_messages, plan, kernel, features, policy, paired, resolve_kernel(execution))
         rows = hidden.shape[0]
         chunk = edge_chunk_rows(execution, rows, plan.n_weights, plan.max_group_row_weights)
         if remat_radial(execution, rows, plan.n_weights, chunked=chunk is not None):
@@ -349,10 +374,20 @@ class ConvSE3(nn.Module):
         num_nodes = next(iter(features.values())).shape[0]
         with jax.named_scope("segment_sum"):
             out = {d: jax.ops.segment_sum(m, edges.receivers, num_nodes) for d, m in msgs.items()}
+        if self.self_interaction not in ("", "per_edge", "per_node"):
+            raise ValueError(f"self_interaction must be '', 'per_edge' or 'per_node', got {self.self_interaction!r}")
         if self.self_interaction:
             shared = self.fiber_in.restrict(self.fiber_out.degrees)
             if shared.degrees:
-                si = LinearSE3(shared, self.fiber_out.restrict(shared.degrees), execution=execution,
-                               name="self_interaction")({d: features[d] for d in shared.degrees})
+                si = LinearSE3(
+                    shared, self.fiber_out.restrict(shared.degrees), execution=execution, name="self_interaction"
+                )({d: features[d] for d in shared.degrees})
+                if self.self_interaction == "per_edge":
+                    # the reference adds W x_dst to every incoming edge's message before the
+                    # sum: the node's own term counts once per incoming real edge
+                    weight = jax.ops.segment_sum(
+                        edges.mask.astype(si[next(iter(si))].dtype), edges.receivers, num_nodes
+                    )
+                    si = {d: x * weight[:, None, None] for d, x in si.items()}
                 out = {d: out[d] + si[d] if d in si else out[d] for d in out}
         return out

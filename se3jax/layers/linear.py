@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+import numpy as np
 
 from se3jax.execution import Execution
 from se3jax.fiber import Features, Fiber
@@ -31,7 +31,9 @@ class LinearSE3(nn.Module):
         out = {}
         for d, c_out in self.fiber_out:
             c_in = self.fiber_in[d]
-            w = self.param(f"weight_{d}", nn.initializers.normal(1.0), (c_out, c_in))
-            x = at_least_f32(features[d])                                   # [N, i, m]
-            out[d] = jnp.einsum("oi,nim->nom", (w / jnp.sqrt(c_in)).astype(x.dtype), x, precision=precision)
+            # stored as the reference's randn / sqrt(c_in) and used as is: Adam's steps are then
+            # the same size relative to the weights as in the reference
+            w = self.param(f"weight_{d}", nn.initializers.normal(1.0 / np.sqrt(c_in)), (c_out, c_in), jnp.float32)
+            x = at_least_f32(features[d])  # [N, i, m]
+            out[d] = jnp.einsum("oi,nim->nom", w.astype(x.dtype), x, precision=precision)
         return out

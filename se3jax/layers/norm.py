@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from se3jax.fiber import Fiber
+from se3jax.layers.radial import layer_norm
 from se3jax.precision import at_least_f32
 
 NORM_CLAMP = 2.0**-24  # keeps x / |x| finite for (near-)zero features, e.g. padding nodes
@@ -34,7 +35,7 @@ class NormSE3(nn.Module):
         with jax.named_scope("norm"):
             for d, _ in self.fiber:
                 x = at_least_f32(features[d])
-                n = safe_norm(x)                                    # [N, C, 1]
-                new = nn.relu(nn.LayerNorm(name=f"layer_norm_{d}")(n[..., 0]))[..., None]
+                n = safe_norm(x)  # [N, C, 1]
+                new = nn.relu(layer_norm(name=f"layer_norm_{d}")(n[..., 0]))[..., None]
                 out[d] = x * (new / n)
         return out

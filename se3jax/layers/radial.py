@@ -1,8 +1,21 @@
-"""Radial profile: the MLP that turns edge scalars into the weights of every TFN path."""
+"""Radial profiles: the MLPs that turn edge scalars into the weights of every TFN path, and the
+dense layers' initialisation (the reference's: PyTorch's ``nn.Linear`` defaults).
+
+A convolution's paths share radial MLP *trunks* (the hidden layers) as in NVIDIA's reference
+with its fully fused convolutions: one trunk for all paths when both fibers have uniform
+channels over degrees 0..L; one per output degree when only the input does; one per input
+degree when only the output does; else one per path. The trunks are a property of the fibers,
+never of the fusion level, so the parameters are the same at every level.
+
+>>> from se3jax.fiber import Fiber
+>>> hidden, first_kv = Fiber.create(4, 32), Fiber({0: 32, 1: 16, 2: 16, 3: 16})
+>>> len(radial_trunks(hidden, hidden, 3)), len(radial_trunks(hidden, Fiber({0: 128}), 3))
+(1, 1)
+>>> radial_trunks(Fiber({0: 6}), first_kv, 3)  # the first layer: one trunk per path
+(((0, 0),), ((0, 1),), ((0, 2),), ((0, 3),))
+"""
 
 from __future__ import annotations
-
-from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -10,19 +23,53 @@ import jax.numpy as jnp
 import numpy as np
 
 from se3jax.execution import Execution
+from se3jax.fiber import Fiber
 from se3jax.precision import at_least_f32, get_policy
 
+# PyTorch's nn.Linear initialisation: weights and biases uniform in +-1/sqrt(fan_in)
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+LAYER_NORM_EPSILON = 1e-5  # PyTorch's default, as the reference
 
-def scaled_normal_columns(column_scale: np.ndarray):
-    """Initialiser for a ``[hidden, n]`` kernel whose column ``j`` has std ``column_scale[j]``.
 
-    The convolution sums many path terms per output; scaling each path's weights by its fan-in
-    keeps activations O(1) at initialisation whatever the fibers.
-    """
+def torch_bias_init(fan_in: int):
+    """Biases uniform in +-1/sqrt(fan_in) (PyTorch's ``nn.Linear``)."""
+    bound = 1.0 / np.sqrt(fan_in)
+
     def init(key, shape, dtype=jnp.float32):
-        assert shape[1] == column_scale.shape[0], (shape, column_scale.shape)
-        return jax.random.normal(key, shape, dtype) * jnp.asarray(column_scale, dtype) / np.sqrt(shape[0])
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
     return init
+
+
+def torch_dense(features: int, fan_in: int, precision, name: str, use_bias: bool = True) -> nn.Dense:
+    """``nn.Dense`` initialised as PyTorch's ``nn.Linear(fan_in, features)``."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        precision=precision,
+        kernel_init=torch_kernel_init,
+        bias_init=torch_bias_init(fan_in),
+        name=name,
+    )
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+    """LayerNorm as the reference's: epsilon 1e-5, exact two-pass variance."""
+    return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, use_fast_variance=False, name=name)
+
+
+def radial_trunks(fiber_in: Fiber, fiber_out: Fiber, max_degree: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """The convolution's ``(d_in, d_out)`` paths grouped by the radial MLP trunk they share."""
+    full = tuple(range(max_degree + 1))
+    fused_in = bool(fiber_in.uniform_channels) and fiber_in.degrees == full
+    fused_out = bool(fiber_out.uniform_channels) and fiber_out.degrees == full
+    if fused_in and fused_out:
+        return (tuple((a, b) for b in fiber_out.degrees for a in fiber_in.degrees),)
+    if fused_in:
+        return tuple(tuple((a, b) for a in fiber_in.degrees) for b in fiber_out.degrees)
+    if fused_out:
+        return tuple(tuple((a, b) for b in fiber_out.degrees) for a in fiber_in.degrees)
+    return tuple(((a, b),) for b in fiber_out.degrees for a in fiber_in.degrees)
 
 
 class RadialProfile(nn.Module):
@@ -31,11 +78,10 @@ class RadialProfile(nn.Module):
     Returns the last hidden activation ``[E, mid_dim]`` and the last layer's bias-free kernel
     ``[mid_dim, n_weights]`` rather than their product: the convolution applies that kernel
     per fusion group, producing each group's per-edge weights directly in the layout the group
-    contracts with (the canonical kernel is one parameter whatever the fusion level).
+    contracts with (the kernel is one parameter whatever the fusion level).
     """
 
     n_weights: int
-    kernel_init: Callable = nn.initializers.lecun_normal()  # e.g. scaled_normal_columns(...)
     mid_dim: int = 32
     execution: Execution = Execution()
 
@@ -44,8 +90,19 @@ class RadialProfile(nn.Module):
         h = at_least_f32(edge_scalars)  # [R, S]
         precision = get_policy(self.execution.precision).dot_precision
         for i in range(2):
-            h = nn.Dense(self.mid_dim, precision=precision, name=f"dense_{i}")(h)
-            h = nn.LayerNorm(name=f"norm_{i}")(h)
-            h = nn.relu(h)
-        kernel = self.param("kernel_out", self.kernel_init, (self.mid_dim, self.n_weights))
+            h = torch_dense(self.mid_dim, h.shape[-1], precision, name=f"dense_{i}")(h)
+            h = nn.relu(layer_norm(name=f"norm_{i}")(h))
+        kernel = self.param("kernel_out", torch_kernel_init, (self.mid_dim, self.n_weights), jnp.float32)
         return h, kernel
+
+
+def stack_trunks(outputs: list[tuple[jax.Array, jax.Array]], columns: list[np.ndarray], n_weights: int):
+    """Several trunks' ``(hidden [R, mid], kernel [mid, n_t])`` -> one ``(hidden [R, T mid],
+    kernel [T mid, n_weights])`` whose kernel is block-sparse: trunk ``t`` feeds only its
+    ``columns[t]`` of the canonical layout. (Only layers with several trunks pay for the zeros:
+    the first layer, whose weights are few.)"""
+    if len(outputs) == 1:
+        return outputs[0]
+    hidden = jnp.concatenate([h for h, _ in outputs], axis=-1)
+    blocks = [jnp.zeros((k.shape[0], n_weights), k.dtype).at[:, cols].set(k) for (_, k), cols in zip(outputs, columns)]
+    return hidden, jnp.concatenate(blocks, axis=0)

@@ -24,7 +24,8 @@ class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 3):
         self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -33,8 +34,11 @@ class Checkpointer:
         """Save (replacing a checkpoint of the same step, e.g. one taken at an epoch's end)."""
         if int(step) in self._manager.all_steps():
             self._manager.delete(int(step))
-        self._manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._manager.save(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
         self._manager.wait_until_finished()
 
     def restore(self, abstract_state=None, step: int | None = None):
@@ -47,11 +51,11 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        target = (None if abstract_state is None
-                  else jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state))
+        target = None if abstract_state is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+            )
         except Exception as err:  # orbax raises many types for damaged files
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} cannot be restored ({type(err).__name__}: "

@@ -10,73 +10,99 @@ import difflib
 
 import ml_collections
 
-from se3jax.execution import REMAT_CHOICES, Execution, FuseLevel
+from se3jax.execution import KERNELS, REMAT_CHOICES, Execution, FuseLevel
 from se3jax.precision import TRAINING_POLICIES
 
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # data
-    c.task = "homo"                 # one of se3jax.data.TARGETS
-    c.cache_dir = ""                # "" = ~/.cache/se3jax (processed QM9 lives there)
-    c.max_molecules = 0             # >0: process only the first K molecules (tests, smoke runs)
-    c.max_train_molecules = 0       # >0: train on the first K molecules of the train split
-    c.max_eval_molecules = 0        # >0: evaluate on the first K molecules of val and test
-    c.precompute_bases = False      # keep per-edge spherical harmonics in host RAM (49 floats/edge)
+    c.task = "homo"  # one of se3jax.data.TARGETS
+    c.cache_dir = ""  # "" = ~/.cache/se3jax (processed QM9 lives there)
+    c.max_molecules = 0  # >0: process only the first K molecules (tests, smoke runs)
+    c.max_train_molecules = 0  # >0: train on the first K molecules of the train split
+    c.max_eval_molecules = 0  # >0: evaluate on the first K molecules of val and test
+    c.precompute_bases = False  # keep per-edge spherical harmonics in host RAM (49 floats/edge)
     # model (docs/design.md, section 1)
     c.num_layers = 7
     c.num_degrees = 4
     c.num_channels = 32
     c.num_heads = 8
     c.channels_div = 2
-    c.pooling = "max"
+    c.pooling = "auto"  # auto (per target: se3jax.data.qm9.TARGET_POOLING) | max | mean | sum | softmax
+    c.self_interaction = "per_edge"  # output conv: per_edge (the reference's) | per_node
     # execution (se3jax.execution.Execution: speed and memory only, never the parameters)
-    c.fuse_level = "auto"           # none | partial_out | partial_in | full | auto
-    c.precision = "fp32"            # fp32 | tf32 | bf16 | fp16 (dynamic loss scaling)
+    c.fuse_level = "auto"  # none | partial_out | partial_in | full | auto
+    c.precision = "fp32"  # fp32 | tf32 | bf16 | fp16 (dynamic loss scaling)
     c.low_memory = False
-    c.edge_chunk = 0                # 0 = chosen per backend (CPU cache size / GPU memory cap)
-    c.radial_memory_mb = 0          # accelerators: chunk edges when a layer's radial weights exceed
-                                    # this; 0 = 1,024 MB training / 4,096 MB inference
-    c.remat = "auto"                # on | off | auto: recompute the radial weights in the backward pass
-    c.paired_edges = True           # QM9 graphs list each bond's two directions adjacently
+    c.edge_chunk = 0  # 0 = chosen per backend (CPU cache size / GPU memory cap)
+    c.radial_memory_mb = 0  # accelerators: chunk edges when a layer's radial weights exceed
+    # this; 0 = 1,024 MB training / 4,096 MB inference
+    c.remat = "auto"  # on | off | auto: recompute the radial weights in the backward pass
+    c.paired_edges = True  # QM9 graphs list each bond's two directions adjacently
+    c.kernel = "auto"  # auto | xla | pallas: radial weights fused into the contraction (Pallas)
     # optimisation (docs/design.md, section 4)
-    c.batch_size = 240              # molecules per device and step
+    c.batch_size = 240  # molecules per device and step
     c.num_epochs = 100
     c.learning_rate = 0.002
     c.final_learning_rate_factor = 0.1  # cosine decay to lr * factor
+    c.warmup_epochs = 0.0  # linear warm-up before the cosine (0: none, as the reference)
+    c.ema_decay = 0.0  # >0: evaluate a moving average of the weights (e.g. 0.999)
     c.weight_decay = 0.1
-    c.max_steps = 0                 # >0: stop after this many steps in total (resumable)
+    c.max_steps = 0  # >0: stop after this many steps in total (resumable)
     c.seed = 0
     # parallelism (se3jax.training.parallel): batch_size molecules per device and step
-    c.parallel = "shard_map"        # shard_map | pmap: one code path, pmap names it as before
-    c.num_devices = 0               # devices per process; 0 = all local devices
-    c.distributed = False           # multi-host: start jax.distributed (cluster auto-detected)
-    c.coordinator_address = ""      # explicit multi-host settings (override auto-detection):
-    c.num_processes = 0             #   "host:port" of process 0, the process count,
-    c.process_id = -1               #   and this process's index
-    c.heartbeat_timeout_s = 60      # a dead process stops the others within this time
+    c.parallel = "shard_map"  # shard_map | pmap: one code path, pmap names it as before
+    c.num_devices = 0  # devices per process; 0 = all local devices
+    c.distributed = False  # multi-host: start jax.distributed (cluster auto-detected)
+    c.coordinator_address = ""  # explicit multi-host settings (override auto-detection):
+    c.num_processes = 0  #   "host:port" of process 0, the process count,
+    c.process_id = -1  #   and this process's index
+    c.heartbeat_timeout_s = 60  # a dead process stops the others within this time
     # bookkeeping
     c.eval_every_epochs = 1
-    c.eval_every_steps = 0          # >0: also evaluate every N steps
+    c.eval_every_steps = 0  # >0: also evaluate every N steps
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3
-    c.log_every_steps = 10          # metrics reach the host at least this often (<= 10)
+    c.log_every_steps = 10  # metrics reach the host at least this often (<= 10)
     c.progress_bar = True
     return c
 
 
 _CHOICES = {
-    "pooling": ("max", "mean"),
+    "pooling": ("auto", "max", "mean", "sum", "softmax"),
+    "self_interaction": ("per_edge", "per_node"),
     "fuse_level": tuple(level.value for level in FuseLevel),
     "precision": TRAINING_POLICIES,
     "remat": REMAT_CHOICES,
+    "kernel": KERNELS,
     "parallel": ("pmap", "shard_map"),
 }
-_POSITIVE = ("num_layers", "num_degrees", "num_channels", "num_heads", "channels_div",
-             "batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps",
-             "keep_checkpoints", "eval_every_epochs", "heartbeat_timeout_s")
-_NON_NEGATIVE = ("max_molecules", "max_train_molecules", "max_eval_molecules", "max_steps",
-                 "num_devices", "eval_every_steps", "edge_chunk", "radial_memory_mb", "num_processes")
+_POSITIVE = (
+    "num_layers",
+    "num_degrees",
+    "num_channels",
+    "num_heads",
+    "channels_div",
+    "batch_size",
+    "num_epochs",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "eval_every_epochs",
+    "heartbeat_timeout_s",
+)
+_NON_NEGATIVE = (
+    "max_molecules",
+    "max_train_molecules",
+    "max_eval_molecules",
+    "max_steps",
+    "num_devices",
+    "eval_every_steps",
+    "edge_chunk",
+    "radial_memory_mb",
+    "num_processes",
+)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -104,8 +130,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         # JAX 0.10 CPU collectives abort when ~50 unsynchronised steps are queued.
         raise ValueError("config.log_every_steps must be <= 10 (metrics must reach the host often)")
     if config.num_channels % config.channels_div or (config.num_channels // config.channels_div) % config.num_heads:
-        raise ValueError(f"num_channels / channels_div ({config.num_channels}/{config.channels_div}) "
-                         f"must be divisible by num_heads ({config.num_heads})")
+        raise ValueError(
+            f"num_channels / channels_div ({config.num_channels}/{config.channels_div}) "
+            f"must be divisible by num_heads ({config.num_heads})"
+        )
+    if not 0 <= config.warmup_epochs < config.num_epochs or not 0 <= config.ema_decay < 1:
+        raise ValueError("need 0 <= warmup_epochs < num_epochs and 0 <= ema_decay < 1")
     if not 0 < config.final_learning_rate_factor <= 1 or config.learning_rate <= 0:
         raise ValueError("need learning_rate > 0 and 0 < final_learning_rate_factor <= 1")
 
@@ -128,16 +158,39 @@ def execution_from_config(config: ml_collections.ConfigDict, mode: str = "train"
     """The model's :class:`~se3jax.execution.Execution` from a config's execution fields."""
     defaults = default_config()
     get = lambda key: config.get(key, defaults[key])  # configs saved before a field existed
-    return Execution(fuse_level=get("fuse_level"), precision=get("precision"),
-                     edge_chunk=get("edge_chunk"), radial_memory_mb=get("radial_memory_mb"),
-                     low_memory=get("low_memory"), remat=get("remat"),
-                     paired_edges=get("paired_edges"), mode=mode)
+    return Execution(
+        fuse_level=get("fuse_level"),
+        precision=get("precision"),
+        edge_chunk=get("edge_chunk"),
+        radial_memory_mb=get("radial_memory_mb"),
+        low_memory=get("low_memory"),
+        remat=get("remat"),
+        paired_edges=get("paired_edges"),
+        kernel=get("kernel"),
+        mode=mode,
+    )
+
+
+def resolve_pooling(config: ml_collections.ConfigDict) -> str:
+    """``auto`` -> the task's pooling (sum for extensive targets, max for the others)."""
+    pooling = config.get("pooling", "max")
+    if pooling != "auto":
+        return pooling
+    from se3jax.data.qm9 import TARGET_POOLING
+
+    return TARGET_POOLING[config.task]
 
 
 def model_kwargs(config: ml_collections.ConfigDict, mode: str = "train") -> dict:
     """Keyword arguments of SE3TransformerPooled from a config (shared by training and
     inference, so a saved config rebuilds exactly the trained model)."""
-    return dict(num_layers=config.num_layers, num_degrees=config.num_degrees,
-                num_channels=config.num_channels, num_heads=config.num_heads,
-                channels_div=config.channels_div, pooling=config.pooling,
-                execution=execution_from_config(config, mode))
+    return dict(
+        num_layers=config.num_layers,
+        num_degrees=config.num_degrees,
+        num_channels=config.num_channels,
+        num_heads=config.num_heads,
+        channels_div=config.channels_div,
+        pooling=resolve_pooling(config),
+        self_interaction=config.get("self_interaction", "per_edge"),
+        execution=execution_from_config(config, mode),
+    )

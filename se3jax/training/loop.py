@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import jax
 
@@ -33,8 +34,9 @@ def canonical(position: Position, num_batches: Callable[[int], int]) -> Position
     return position
 
 
-def training_batches(loader, start: Position, num_epochs: int,
-                     put: Callable = lambda batch: batch) -> Iterator[tuple[Position, object, bool]]:
+def training_batches(
+    loader, start: Position, num_epochs: int, put: Callable = lambda batch: batch
+) -> Iterator[tuple[Position, object, bool]]:
     """``(position, batch, last_in_epoch)`` from ``start`` to the end of ``num_epochs``: the
     resume logic lives here, once. ``put`` moves each batch to the devices (ahead of use, see
     :func:`se3jax.training.parallel.prefetch_to_device`)."""
@@ -42,8 +44,8 @@ def training_batches(loader, start: Position, num_epochs: int,
 
     if start.epoch >= num_epochs:  # the run is complete
         return
-    epoch, first = canonical(start, loader.num_batches)
-    for epoch in range(epoch, num_epochs):
+    first_epoch, first = canonical(start, loader.num_batches)
+    for epoch in range(first_epoch, num_epochs):
         total = loader.num_batches(epoch)
         batches = loader.epoch_batches(epoch, first)
         try:
@@ -74,7 +76,7 @@ class MetricsWindow:
         for m in self.fetch(ready):
             self._loss += float(m["loss"]) * float(m["num_graphs"])
             self._graphs += float(m["num_graphs"])
-        self._pending = self._pending[len(ready):]
+        self._pending = self._pending[len(ready) :]
 
     def flush(self, keep_newest: bool = False) -> dict | None:
         """``{"loss", "molecules", "molecules_per_s"}`` over the window, then start a new one
@@ -84,8 +86,11 @@ class MetricsWindow:
         if not self._graphs:
             return None
         now = time.perf_counter()
-        out = {"loss": self._loss / max(self._graphs, 1.0), "molecules": self._graphs,
-               "molecules_per_s": self._graphs / max(now - self._start, 1e-9)}
+        out = {
+            "loss": self._loss / max(self._graphs, 1.0),
+            "molecules": self._graphs,
+            "molecules_per_s": self._graphs / max(now - self._start, 1e-9),
+        }
         self._loss, self._graphs, self._start = 0.0, 0.0, now
         return out
 

@@ -20,12 +20,13 @@ import collections
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from se3jax.training.steps import make_eval_step, make_train_step
 
@@ -47,7 +48,7 @@ def mesh_devices(num_local: int = 0) -> list:
         local = sorted(by_process[process], key=lambda d: d.id)
         if num_local > len(local):
             raise ValueError(f"num_devices={num_local} but process {process} has {len(local)} devices")
-        devices += local[:num_local or None]
+        devices += local[: num_local or None]
     return devices
 
 
@@ -63,23 +64,29 @@ class DataParallel:
         # check_vma=False: gradients of the replicated state stay per-device and the step's
         # explicit psum sums them (with the check on, autodiff would already sum them across
         # devices and the psum would count them twice).
-        per_device = lambda fn: (lambda a, batch: fn(a, jax.tree.map(_first_device_block, batch)))
+        per_device = lambda fn: lambda a, batch: fn(a, jax.tree.map(_first_device_block, batch))
         train = make_train_step(model, optimizer, axis_name=AXIS)
         evaluate = make_eval_step(model, axis_name=AXIS)
-        self.train_step = jax.jit(jax.shard_map(
-            per_device(train), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
-            check_vma=False), donate_argnums=0)
-        self.eval_step = jax.jit(jax.shard_map(
-            per_device(evaluate), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
-            check_vma=False))
+        self.train_step = jax.jit(
+            jax.shard_map(
+                per_device(train), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False
+            ),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(
+            jax.shard_map(per_device(evaluate), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False)
+        )
 
     def put_replicated(self, tree):
         """Pytree -> the same value on every device of the mesh (each process gives the whole
         value). Always a fresh copy: the train step donates it."""
         sharding = NamedSharding(self.mesh, P())
-        host = jax.device_get(tree)
-        return jax.tree.map(lambda x: jax.make_array_from_callback(
-            np.shape(x), sharding, lambda index, x=np.asarray(x): x[index]), host)
+
+        def replicate(x):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+        return jax.tree.map(replicate, jax.device_get(tree))
 
     def put_batch(self, batch):
         """This process's batch, as the loader yields it (one plain batch for a single local
@@ -88,13 +95,11 @@ class DataParallel:
         if self.num_local == 1:
             batch = jax.tree.map(lambda x: np.asarray(x)[None], batch)
         sharding = NamedSharding(self.mesh, P(AXIS))
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                            batch)
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
     def get(self, tree):
         """One host copy of a replicated pytree (state or metrics), on every process."""
-        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
-                            else x, tree)
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
 
 
 def prefetch_to_device(batches: Iterable, put: Callable, size: int = 2) -> Iterator:
@@ -129,16 +134,25 @@ def initialize_distributed(config) -> None:
         return
     if config.num_processes or config.process_id >= 0 or config.coordinator_address:
         if not (config.coordinator_address and config.num_processes and config.process_id >= 0):
-            raise ValueError("explicit distributed settings need coordinator_address, num_processes "
-                             "and process_id together")
+            raise ValueError(
+                "explicit distributed settings need coordinator_address, num_processes and process_id together"
+            )
     kwargs = dict(heartbeat_timeout_seconds=config.heartbeat_timeout_s)
     if config.coordinator_address:
-        kwargs.update(coordinator_address=config.coordinator_address,
-                      num_processes=config.num_processes, process_id=config.process_id)
+        kwargs.update(
+            coordinator_address=config.coordinator_address,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+        )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    logging.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def code_version() -> str:
@@ -168,13 +182,15 @@ def check_processes_agree(config_dict: dict) -> None:
     if len(mine) > _AGREEMENT_BYTES:
         raise ValueError("config too large to compare across processes")
     buffer = np.zeros(_AGREEMENT_BYTES, np.uint8)
-    buffer[:len(mine)] = np.frombuffer(mine, np.uint8)
+    buffer[: len(mine)] = np.frombuffer(mine, np.uint8)
     gathered = np.asarray(multihost_utils.process_allgather(buffer)).reshape(-1, _AGREEMENT_BYTES)
     runs = [json.loads(bytes(row).rstrip(b"\0").decode()) for row in gathered]
     problems = []
     for process, other in enumerate(runs[1:], start=1):
-        keys = [f"{k} ({runs[0]['config'].get(k)!r} vs {other['config'].get(k)!r})"
-                for k in config_changes(runs[0]["config"], other["config"])]
+        keys = [
+            f"{k} ({runs[0]['config'].get(k)!r} vs {other['config'].get(k)!r})"
+            for k in config_changes(runs[0]["config"], other["config"])
+        ]
         if other["code_version"] != runs[0]["code_version"]:
             keys.append(f"code version ({runs[0]['code_version']} vs {other['code_version']})")
         if keys:

@@ -19,14 +19,35 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     opt_state: Any
     loss_scale: DynamicLossScale | None = None  # fp16 only
+    ema_params: Any = None  # an exponential moving average of params (when asked for)
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def eval_params(self):
+        """What evaluation and inference use: the moving average if kept, else the params."""
+        return self.params if self.ema_params is None else self.ema_params
 
 
-def create_train_state(model, optimizer: optax.GradientTransformation, graphs: jraph.GraphsTuple,
-                       rng: jax.Array, loss_scaling: bool = False, params=None) -> TrainState:
-    """A fresh state: ``params`` initialised from ``rng`` (or the ones given)."""
+def create_train_state(
+    model,
+    optimizer: optax.GradientTransformation,
+    graphs: jraph.GraphsTuple,
+    rng: jax.Array,
+    loss_scaling: bool = False,
+    params=None,
+    ema_decay: float = 0.0,
+) -> TrainState:
+    """A fresh state: ``params`` initialised from ``rng`` (or the ones given). ``ema_decay >
+    0`` also keeps a moving average of the parameters, updated after every step."""
     params = jax.jit(model.init)(rng, graphs) if params is None else params
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      loss_scale=DynamicLossScale.create() if loss_scaling else None)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        loss_scale=DynamicLossScale.create() if loss_scaling else None,
+        ema_params=jax.tree.map(jnp.array, params) if ema_decay > 0 else None,
+        ema_decay=float(ema_decay),
+    )
 
 
 def masked_l1(predictions: jax.Array, targets: jax.Array, graph_mask: jax.Array):
@@ -70,8 +91,13 @@ def make_train_step(model, optimizer: optax.GradientTransformation, axis_name: s
         if state.loss_scale is not None:  # skip the update on overflow
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  loss_scale=loss_scale)
+        ema_params = state.ema_params
+        if ema_params is not None:
+            decay = state.ema_decay
+            ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params, loss_scale=loss_scale
+        )
         metrics = {"loss": abs_sum / jnp.maximum(count, 1.0), "num_graphs": count}
         if loss_scale is not None:
             metrics["loss_scale"] = loss_scale.scale

@@ -10,8 +10,8 @@ from the saved position with logging, evaluation and checkpoints at their cadenc
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import jax
 import ml_collections
@@ -34,9 +34,16 @@ from se3jax.training.steps import create_train_state
 
 def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
     """Cosine decay from lr to lr * factor over the run's true number of steps (the sum of
-    every epoch's batches: epochs may pack different numbers), no warm-up."""
-    return optax.cosine_decay_schedule(config.learning_rate, decay_steps=max(total_steps, 1),
-                                       alpha=config.final_learning_rate_factor)
+    every epoch's batches: epochs may pack different numbers), after a linear warm-up over
+    ``warmup_epochs`` worth of those steps (none in the reference recipe)."""
+    total = max(total_steps, 1)
+    warmup = int(round(total * config.warmup_epochs / config.num_epochs))
+    final = config.learning_rate * config.final_learning_rate_factor
+    if warmup == 0:
+        return optax.cosine_decay_schedule(
+            config.learning_rate, decay_steps=total, alpha=config.final_learning_rate_factor
+        )
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total, end_value=final)
 
 
 def total_training_steps(loader: BatchLoader, num_epochs: int) -> int:
@@ -57,8 +64,9 @@ def load_dataset(config) -> QM9Dataset:
     dataset = load_qm9(config.cache_dir or DEFAULT_CACHE_DIR, config.task, config.max_molecules or None)
     if config.precompute_bases:
         seconds = dataset.precompute_harmonics(config.num_degrees - 1)
-        logging.info("precomputed edge harmonics in %.1f s (%.0f MB in host RAM)", seconds,
-                     dataset.edge_harmonics.nbytes / 1e6)
+        logging.info(
+            "precomputed edge harmonics in %.1f s (%.0f MB in host RAM)", seconds, dataset.edge_harmonics.nbytes / 1e6
+        )
     return dataset
 
 
@@ -73,8 +81,12 @@ def evaluate(parallel: DataParallel, params, loader: BatchLoader, std: float) ->
     return total / max(count, 1.0) * std
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
-                       dataset: QM9Dataset | None = None, hooks: Sequence[Callable] = ()) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    dataset: QM9Dataset | None = None,
+    hooks: Sequence[Callable] = (),
+) -> dict:
     """Train on the QM9 train split, evaluate on validation during training and on test at the
     end. Restarting with the same ``workdir`` resumes from the last checkpoint at the exact
     batch it stopped at. ``dataset``: a loaded dataset (default: the one the config names).
@@ -93,8 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     # data
     dataset = dataset if dataset is not None else load_dataset(config)
     if is_main:
-        files.save_json(workdir / files.NORMALISATION_FILE, {
-            "task": dataset.task, "unit": dataset.unit, "mean": dataset.target_mean, "std": dataset.target_std})
+        files.save_json(workdir / files.NORMALISATION_FILE, dataset.normalisation.to_json())
     limit = lambda name, k: dataset.splits[name][:k] if k else dataset.splits[name]
     train_idx = limit("train", config.max_train_molecules)
     eval_idx = {name: limit(name, config.max_eval_molecules) for name in ("val", "test")}
@@ -103,54 +114,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     # model, state and devices
     model = build_model(config)
     local_devices = [d for d in mesh_devices(config.num_devices) if d.process_index == jax.process_index()]
-    loader_args = dict(budget=budget, num_devices=len(local_devices), process_index=jax.process_index(),
-                       process_count=jax.process_count())
+    loader_args = dict(
+        budget=budget,
+        num_devices=len(local_devices),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     train_loader = BatchLoader(dataset, train_idx, config.batch_size, shuffle=True, seed=config.seed, **loader_args)
-    eval_loaders = {name: BatchLoader(dataset, idx, config.batch_size, shuffle=False, **loader_args)
-                    for name, idx in eval_idx.items() if len(idx)}
+    eval_loaders = {
+        name: BatchLoader(dataset, idx, config.batch_size, shuffle=False, **loader_args)
+        for name, idx in eval_idx.items()
+        if len(idx)
+    }
     total_steps = total_training_steps(train_loader, config.num_epochs)
     optimizer = make_optimizer(config, total_steps)
     parallel = DataParallel(model, optimizer, config.num_devices)
     first = pad_to_budget(dataset.batch_graphs(train_loader.plan(0)[0][0]), budget)  # for shapes
-    state = create_train_state(model, optimizer, first, jax.random.PRNGKey(config.seed),
-                               loss_scaling=get_policy(config.precision).needs_loss_scaling)
+    state = create_train_state(
+        model,
+        optimizer,
+        first,
+        jax.random.PRNGKey(config.seed),
+        loss_scaling=get_policy(config.precision).needs_loss_scaling,
+        ema_decay=config.ema_decay,
+    )
     state = parallel.put_replicated(state)
     checkpointer = Checkpointer(workdir / files.CHECKPOINT_DIR, keep=config.keep_checkpoints)
-    position = Position(0, 0)
+    start = Position(0, 0)
     restored = checkpointer.restore(state)
     if restored is not None:
         state, meta = restored
-        position = Position(meta["epoch"], meta["batch"])
-        logging.info("resuming at step %d (epoch %d, batch %d)", int(parallel.get(state.step)), *position)
+        start = Position(meta["epoch"], meta["batch"])
+        logging.info("resuming at step %d (epoch %d, batch %d)", int(parallel.get(state.step)), *start)
     step = int(parallel.get(state.step))
     if is_main:
         files.drop_metrics_after(workdir, step)
-    logging.info("QM9 %s: %d train / %d val / %d test molecules, %d parameters, %d steps in %d epochs "
-                 "(epoch 0: %d steps) on %d device(s) in %d process(es), padding budget %s", dataset.task,
-                 len(train_idx), len(eval_idx["val"]), len(eval_idx["test"]),
-                 sum(x.size for x in jax.tree.leaves(parallel.get(state.params))), total_steps,
-                 config.num_epochs, train_loader.num_batches(0), parallel.num_devices, jax.process_count(), budget)
+    logging.info(
+        "QM9 %s: %d train / %d val / %d test molecules, %d parameters, %d steps in %d epochs "
+        "(epoch 0: %d steps) on %d device(s) in %d process(es), padding budget %s",
+        dataset.task,
+        len(train_idx),
+        len(eval_idx["val"]),
+        len(eval_idx["test"]),
+        sum(x.size for x in jax.tree.leaves(parallel.get(state.params))),
+        total_steps,
+        config.num_epochs,
+        train_loader.num_batches(0),
+        parallel.num_devices,
+        jax.process_count(),
+        budget,
+    )
 
     std, results = dataset.target_std, {}
     writer = files.MetricsWriter(workdir, enabled=is_main)
     window = MetricsWindow(fetch=parallel.get)
 
     def save(next_position: Position) -> None:
-        checkpointer.save(step, state, {"epoch": next_position.epoch, "batch": next_position.batch,
-                                        "seed": config.seed})
+        checkpointer.save(
+            step, state, {"epoch": next_position.epoch, "batch": next_position.batch, "seed": config.seed}
+        )
 
     def validate(**extra) -> None:
         if "val" in eval_loaders:
-            results["val_mae"] = evaluate(parallel, state.params, eval_loaders["val"], std)
+            results["val_mae"] = evaluate(parallel, state.eval_params, eval_loaders["val"], std)
             writer.write(step, val_mae=results["val_mae"], **extra)
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (config.progress_bar and is_main),
-               dynamic_ncols=True)
-    next_position = position
+    bar = tqdm(total=total_steps, initial=step, disable=not (config.progress_bar and is_main), dynamic_ncols=True)
+    next_position = start
     shapes = ShapeWatch("the train step")
     try:
-        for position, batch, last_in_epoch in training_batches(train_loader, position, config.num_epochs,
-                                                               parallel.put_batch):
+        for position, batch, last_in_epoch in training_batches(
+            train_loader, start, config.num_epochs, parallel.put_batch
+        ):
             shapes.check(batch)
             state, metrics = parallel.train_step(state, batch)
             step += 1
@@ -159,13 +194,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
             bar.update(1)
             for hook in hooks:
                 hook(step, state, position)
-            m = window.flush(keep_newest=not last_in_epoch) if (
-                step % config.log_every_steps == 0 or last_in_epoch) else None
+            m = (
+                window.flush(keep_newest=not last_in_epoch)
+                if (step % config.log_every_steps == 0 or last_in_epoch)
+                else None
+            )
             if m is not None:
-                bar.set_postfix(loss=f"{m['loss']:.4f}", mae=f"{m['loss'] * std:.4g} {dataset.unit}",
-                                mol_s=f"{m['molecules_per_s']:.1f}", epoch=position.epoch + 1)
-                writer.write(step, train_loss=m["loss"], train_mae=m["loss"] * std,
-                             molecules_per_s=m["molecules_per_s"], epoch=position.epoch)
+                bar.set_postfix(
+                    loss=f"{m['loss']:.4f}",
+                    mae=f"{m['loss'] * std:.4g} {dataset.unit}",
+                    mol_s=f"{m['molecules_per_s']:.1f}",
+                    epoch=position.epoch + 1,
+                )
+                writer.write(
+                    step,
+                    train_loss=m["loss"],
+                    train_mae=m["loss"] * std,
+                    molecules_per_s=m["molecules_per_s"],
+                    epoch=position.epoch,
+                )
             if config.eval_every_steps and step % config.eval_every_steps == 0:
                 validate()
             if last_in_epoch and (position.epoch + 1) % config.eval_every_epochs == 0:
@@ -179,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                 logging.info("stopping at max_steps=%d", config.max_steps)
                 return {"step": step, **results}
         if "test" in eval_loaders:
-            results["test_mae"] = evaluate(parallel, state.params, eval_loaders["test"], std)
+            results["test_mae"] = evaluate(parallel, state.eval_params, eval_loaders["test"], std)
             writer.write(step, test_mae=results["test_mae"])
             if is_main:
                 tqdm.write(f"test MAE {results['test_mae']:.5g} {dataset.unit}")

@@ -26,12 +26,31 @@ CHECKPOINT_DIR = "checkpoints"
 # Config keys a rerun may change and still resume: they change neither the model, nor the
 # optimiser state's structure, nor which batches come next. (num_epochs lengthens or shortens
 # the learning-rate schedule from the step reached.) Execution options change speed only.
-RESUMABLE_KEYS = frozenset({
-    "num_epochs", "max_steps", "log_every_steps", "eval_every_epochs", "eval_every_steps",
-    "checkpoint_every_steps", "keep_checkpoints", "progress_bar", "cache_dir", "max_eval_molecules",
-    "fuse_level", "edge_chunk", "radial_memory_mb", "remat", "low_memory",
-    "distributed", "coordinator_address", "num_processes", "process_id", "heartbeat_timeout_s",
-})
+RESUMABLE_KEYS = frozenset(
+    {
+        "num_epochs",
+        "max_steps",
+        "log_every_steps",
+        "eval_every_epochs",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "progress_bar",
+        "cache_dir",
+        "max_eval_molecules",
+        "fuse_level",
+        "edge_chunk",
+        "radial_memory_mb",
+        "remat",
+        "low_memory",
+        "kernel",
+        "distributed",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
+        "heartbeat_timeout_s",
+    }
+)
 
 
 def save_json(path: Path, data: dict) -> None:
@@ -62,9 +81,11 @@ def check_resumable(workdir: Path, config: dict) -> None:
     if changed:
         saved = read_json(saved_file)
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
-        raise ValueError(f"{workdir} holds a run with another config ({detail}); resuming it would "
-                         f"not continue the same training. Use a new workdir, or restore those values. "
-                         f"Keys that may change on resume: {', '.join(sorted(RESUMABLE_KEYS))}")
+        raise ValueError(
+            f"{workdir} holds a run with another config ({detail}); resuming it would "
+            f"not continue the same training. Use a new workdir, or restore those values. "
+            f"Keys that may change on resume: {', '.join(sorted(RESUMABLE_KEYS))}"
+        )
 
 
 def last_metrics_step(workdir: Path) -> int | None:
@@ -97,6 +118,7 @@ class MetricsWriter:
         self.enabled = enabled
         if enabled:
             from tensorboardX import SummaryWriter
+
             self._file = open(workdir / METRICS_FILE, "a")
             self._tb = SummaryWriter(str(workdir / TENSORBOARD_DIR))
 
