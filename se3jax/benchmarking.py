@@ -69,8 +69,10 @@ class Setting:
 def flop_count(jitted, *args) -> float:
     """XLA's FLOP estimate of ``jitted(*args)``, from its HLO lowered for the CPU (the GPU
     backend's cost analysis is missing or counts differently per precision), NaN if none."""
+    # abstract arguments: device arrays would carry their (GPU) placement into a CPU lowering
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), args)
     try:
-        cost = jitted.trace(*args).lower(lowering_platforms=("cpu",)).cost_analysis()
+        cost = jitted.trace(*abstract).lower(lowering_platforms=("cpu",)).cost_analysis()
     except Exception:  # a backend without a cost model raises instead of returning nothing
         return float("nan")
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost

@@ -65,7 +65,6 @@ GRAPH_LAYERS = {
     "conv_paired_chunked": lambda level, p: ConvSE3(
         UNIFORM, UNIFORM, execution=run(level, p, edge_chunk=40, paired_edges=True)
     ),
-    "conv_no_remat": lambda level, p: ConvSE3(UNIFORM, UNIFORM, execution=run(level, p, remat="off")),
     "attention": lambda level, p: AttentionBlockSE3(UNIFORM, Fiber.create(4, 8), num_heads=2, execution=run(level, p)),
     "attention_first_layer": lambda level, p: AttentionBlockSE3(
         Fiber({0: 6}), Fiber.create(4, 8), num_heads=2, execution=run(level, p)
@@ -76,7 +75,6 @@ FIBER_IN = {
     "conv_ragged_self_interaction": RAGGED_IN,
     "conv_chunked": UNIFORM,
     "conv_paired_chunked": UNIFORM,
-    "conv_no_remat": UNIFORM,
     "attention": UNIFORM,
     "attention_first_layer": Fiber({0: 6}),
 }
@@ -113,9 +111,7 @@ def test_node_layers_equivariant_float64(module, fiber, rotations, x64):
     assert_equivariant(fn, jnp.zeros((6, 3)), features, rotations, rtol=1e-9)
 
 
-@pytest.mark.parametrize(
-    "layer", ["conv_uniform", "conv_ragged_self_interaction", "attention", "conv_paired_chunked", "conv_no_remat"]
-)
+@pytest.mark.parametrize("layer", ["conv_uniform", "conv_ragged_self_interaction", "attention", "conv_paired_chunked"])
 def test_fusion_levels_agree_values_and_gradients(layer, small_batch):
     """Same parameters at every level (one canonical kernel) -> same outputs and gradients."""
     reference = GRAPH_LAYERS[layer](FuseLevel.NONE, "fp32")

@@ -184,3 +184,16 @@ def test_processes_share_an_epoch_with_equal_step_counts(dataset, train, budget)
     np.testing.assert_array_equal(np.sort(seen), np.sort(train))
     with pytest.raises(ValueError, match="process_index"):
         BatchLoader(dataset, train, BATCH, budget, process_index=3, process_count=3)
+
+
+def test_batches_are_checked_on_the_host_before_a_compiled_step(dataset, train, budget):
+    """Inside jit a NaN position cannot raise: the loader checks every batch's values first."""
+    import dataclasses
+
+    broken = dataclasses.replace(dataset)  # a shallow copy: its own positions array
+    broken.positions = dataset.positions.copy()
+    victim = int(train[3])
+    broken.positions[broken.atom_offsets[victim] + 1] = np.nan
+    loader = BatchLoader(broken, train, BATCH, budget, shuffle=False)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        list(loader.epoch_batches(0))

@@ -226,7 +226,10 @@ def test_plot_metrics_renders_learning_curves(trained_workdir, tmp_path):
     assert missing.returncode != 0 and "metrics.jsonl not found" in missing.stderr
 
 
-def test_ctrl_c_saves_the_exact_position_and_the_rerun_resumes(qm9_subset_cache, tmp_path):
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])  # Ctrl-C, a scheduler's preemption
+def test_ctrl_c_saves_the_exact_position_and_the_rerun_resumes(signal_name, qm9_subset_cache, tmp_path):
+    """The signal is turned into a stop between steps: the state saved is the last finished
+    step's (never one donated to a step in flight) and the rerun resumes at its position."""
     import signal
     import time
 
@@ -247,7 +250,7 @@ def test_ctrl_c_saves_the_exact_position_and_the_rerun_resumes(qm9_subset_cache,
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(read_metrics(tmp_path, "train_loss")) >= 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signal_name))
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "interrupted: checkpoint saved at step" in stderr
     manager = ocp.CheckpointManager(tmp_path / "checkpoints")

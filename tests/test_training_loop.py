@@ -113,6 +113,41 @@ def test_metrics_after_the_restored_step_are_dropped(tmp_path):
     (tmp_path / files.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert files.drop_metrics_after(tmp_path, 4) == 2
     kept = [json.loads(line) for line in (tmp_path / files.METRICS_FILE).read_text().splitlines()]
-    assert [r["step"] for r in kept] == [2, 4, 4] and files.last_metrics_step(tmp_path) == 4
+    assert [r["step"] for r in kept] == [2, 4, 4]
     assert files.drop_metrics_after(tmp_path / "missing", 1) == 0
     np.testing.assert_equal(files.config_changes({"a": 1, "b": 2}, {"a": 1, "c": 3}), ["b", "c"])
+
+
+def test_warmup_then_cosine_schedule():
+    from se3jax.training.config import load_config_file
+    from se3jax.training.train import learning_rate_schedule
+
+    config = load_config_file(REPO / "configs" / "test.py")
+    config.num_epochs, config.warmup_epochs = 10, 2.0
+    lr = learning_rate_schedule(config, 1000)  # 100 steps per epoch: 200 of warm-up
+    assert float(lr(0)) == 0.0 and float(lr(100)) == pytest.approx(config.learning_rate / 2)
+    assert float(lr(200)) == pytest.approx(config.learning_rate)
+    assert float(lr(1000)) == pytest.approx(config.learning_rate * config.final_learning_rate_factor)
+
+
+def test_exponential_moving_average_of_the_weights(qm9_subset):
+    import jax
+    import optax
+
+    from se3jax.data.loader import budget_for
+    from se3jax.graphs import pad_to_budget
+    from se3jax.model import SE3TransformerPooled
+    from se3jax.training.steps import create_train_state, make_train_step
+
+    idx = qm9_subset.splits["train"][:8]
+    batch = pad_to_budget(qm9_subset.batch_graphs(idx), budget_for(qm9_subset, idx, 8))
+    model = SE3TransformerPooled(num_layers=1, num_degrees=2, num_channels=8, num_heads=2)
+    optimizer = optax.sgd(0.1)
+    state = create_train_state(model, optimizer, batch, jax.random.PRNGKey(0), ema_decay=0.75)
+    assert state.eval_params is state.ema_params
+    new = jax.jit(make_train_step(model, optimizer))(state, batch)[0]
+    for ema, old, params in zip(*map(jax.tree.leaves, (new.ema_params, state.params, new.params))):
+        np.testing.assert_allclose(ema, 0.75 * old + 0.25 * params, rtol=1e-6, atol=1e-7)
+    assert any(
+        float(jnp.abs(p - o).max()) > 0 for p, o in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))
+    )

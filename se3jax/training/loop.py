@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -116,3 +118,33 @@ class ShapeWatch:
             logging.warning("%s will compile again: its inputs changed shape or dtype", self.what)
         self.signature = signature
         return changed
+
+
+class StopSignals:
+    """Turns SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) into a request the loop reads
+    between steps, so it stops at a consistent point -- the state of the last finished step,
+    never one donated to a step in flight -- saves it, and then raises ``KeyboardInterrupt``.
+    A second signal interrupts at once. Only the main thread can install handlers; elsewhere
+    this does nothing.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:  # asked twice: stop now (the last saved checkpoint stays)
+            logging.warning("second %s: stopping at once", signal.Signals(signum).name)
+            raise KeyboardInterrupt
+        self.requested = True
+        logging.warning("%s received: stopping after the current step", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -27,7 +27,7 @@ from se3jax.precision import get_policy
 from se3jax.training import workdir as files
 from se3jax.training.checkpoints import Checkpointer
 from se3jax.training.config import model_kwargs, validate_config
-from se3jax.training.loop import MetricsWindow, Position, ShapeWatch, canonical, training_batches
+from se3jax.training.loop import MetricsWindow, Position, ShapeWatch, StopSignals, canonical, training_batches
 from se3jax.training.parallel import DataParallel, check_processes_agree, initialize_distributed, mesh_devices
 from se3jax.training.steps import create_train_state
 
@@ -70,6 +70,29 @@ def load_dataset(config) -> QM9Dataset:
     return dataset
 
 
+def build_loaders(config, dataset: QM9Dataset) -> tuple[BatchLoader, dict[str, BatchLoader]]:
+    """The training loader and the validation/test loaders of this process: one padding
+    budget for all, each process feeding its own devices."""
+    limit = lambda name, k: dataset.splits[name][:k] if k else dataset.splits[name]
+    train_idx = limit("train", config.max_train_molecules)
+    eval_idx = {name: limit(name, config.max_eval_molecules) for name in ("val", "test")}
+    budget = budget_for(dataset, np.concatenate([train_idx, *eval_idx.values()]), config.batch_size)
+    local_devices = [d for d in mesh_devices(config.num_devices) if d.process_index == jax.process_index()]
+    common = dict(
+        budget=budget,
+        num_devices=len(local_devices),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    train = BatchLoader(dataset, train_idx, config.batch_size, shuffle=True, seed=config.seed, **common)
+    evaluation = {
+        name: BatchLoader(dataset, idx, config.batch_size, shuffle=False, **common)
+        for name, idx in eval_idx.items()
+        if len(idx)
+    }
+    return train, evaluation
+
+
 def evaluate(parallel: DataParallel, params, loader: BatchLoader, std: float) -> float:
     """MAE over the loader's molecules in the target's unit: exact sums of errors and counts,
     over every process's shards."""
@@ -106,30 +129,14 @@ def train_and_evaluate(
     dataset = dataset if dataset is not None else load_dataset(config)
     if is_main:
         files.save_json(workdir / files.NORMALISATION_FILE, dataset.normalisation.to_json())
-    limit = lambda name, k: dataset.splits[name][:k] if k else dataset.splits[name]
-    train_idx = limit("train", config.max_train_molecules)
-    eval_idx = {name: limit(name, config.max_eval_molecules) for name in ("val", "test")}
-    budget = budget_for(dataset, np.concatenate([train_idx, *eval_idx.values()]), config.batch_size)
+    train_loader, eval_loaders = build_loaders(config, dataset)
 
     # model, state and devices
     model = build_model(config)
-    local_devices = [d for d in mesh_devices(config.num_devices) if d.process_index == jax.process_index()]
-    loader_args = dict(
-        budget=budget,
-        num_devices=len(local_devices),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    train_loader = BatchLoader(dataset, train_idx, config.batch_size, shuffle=True, seed=config.seed, **loader_args)
-    eval_loaders = {
-        name: BatchLoader(dataset, idx, config.batch_size, shuffle=False, **loader_args)
-        for name, idx in eval_idx.items()
-        if len(idx)
-    }
     total_steps = total_training_steps(train_loader, config.num_epochs)
     optimizer = make_optimizer(config, total_steps)
     parallel = DataParallel(model, optimizer, config.num_devices)
-    first = pad_to_budget(dataset.batch_graphs(train_loader.plan(0)[0][0]), budget)  # for shapes
+    first = pad_to_budget(dataset.batch_graphs(train_loader.plan(0)[0][0]), train_loader.budget)  # for shapes
     state = create_train_state(
         model,
         optimizer,
@@ -153,16 +160,15 @@ def train_and_evaluate(
         "QM9 %s: %d train / %d val / %d test molecules, %d parameters, %d steps in %d epochs "
         "(epoch 0: %d steps) on %d device(s) in %d process(es), padding budget %s",
         dataset.task,
-        len(train_idx),
-        len(eval_idx["val"]),
-        len(eval_idx["test"]),
+        len(train_loader.indices),
+        *(len(eval_loaders[n].indices) if n in eval_loaders else 0 for n in ("val", "test")),
         sum(x.size for x in jax.tree.leaves(parallel.get(state.params))),
         total_steps,
         config.num_epochs,
         train_loader.num_batches(0),
         parallel.num_devices,
         jax.process_count(),
-        budget,
+        train_loader.budget,
     )
 
     std, results = dataset.target_std, {}
@@ -183,59 +189,61 @@ def train_and_evaluate(
     next_position = start
     shapes = ShapeWatch("the train step")
     try:
-        for position, batch, last_in_epoch in training_batches(
-            train_loader, start, config.num_epochs, parallel.put_batch
-        ):
-            shapes.check(batch)
-            state, metrics = parallel.train_step(state, batch)
-            step += 1
-            next_position = canonical(Position(position.epoch, position.batch + 1), train_loader.num_batches)
-            window.add(metrics)
-            bar.update(1)
-            for hook in hooks:
-                hook(step, state, position)
-            m = (
-                window.flush(keep_newest=not last_in_epoch)
-                if (step % config.log_every_steps == 0 or last_in_epoch)
-                else None
-            )
-            if m is not None:
-                bar.set_postfix(
-                    loss=f"{m['loss']:.4f}",
-                    mae=f"{m['loss'] * std:.4g} {dataset.unit}",
-                    mol_s=f"{m['molecules_per_s']:.1f}",
-                    epoch=position.epoch + 1,
+        with StopSignals() as signals:
+            for position, batch, last_in_epoch in training_batches(
+                train_loader, start, config.num_epochs, parallel.put_batch
+            ):
+                shapes.check(batch)
+                state, metrics = parallel.train_step(state, batch)
+                step += 1
+                next_position = canonical(Position(position.epoch, position.batch + 1), train_loader.num_batches)
+                window.add(metrics)
+                bar.update(1)
+                for hook in hooks:
+                    hook(step, state, position)
+                m = (
+                    window.flush(keep_newest=not last_in_epoch)
+                    if (step % config.log_every_steps == 0 or last_in_epoch)
+                    else None
                 )
-                writer.write(
-                    step,
-                    train_loss=m["loss"],
-                    train_mae=m["loss"] * std,
-                    molecules_per_s=m["molecules_per_s"],
-                    epoch=position.epoch,
-                )
-            if config.eval_every_steps and step % config.eval_every_steps == 0:
-                validate()
-            if last_in_epoch and (position.epoch + 1) % config.eval_every_epochs == 0:
-                validate(epoch=position.epoch + 1)
-                if is_main and "val_mae" in results:
-                    tqdm.write(f"epoch {position.epoch + 1}: validation MAE {results['val_mae']:.5g} {dataset.unit}")
-            stop = bool(config.max_steps) and step >= config.max_steps
-            if step % config.checkpoint_every_steps == 0 or last_in_epoch or stop:
-                save(next_position)
-            if stop:
-                logging.info("stopping at max_steps=%d", config.max_steps)
-                return {"step": step, **results}
-        if "test" in eval_loaders:
-            results["test_mae"] = evaluate(parallel, state.eval_params, eval_loaders["test"], std)
-            writer.write(step, test_mae=results["test_mae"])
-            if is_main:
-                tqdm.write(f"test MAE {results['test_mae']:.5g} {dataset.unit}")
-        return {"step": step, **results}
-    except KeyboardInterrupt:
-        # keep everything done so far: the next run with this workdir resumes here
-        save(next_position)
-        logging.warning("interrupted: checkpoint saved at step %d", step)
-        raise
+                if m is not None:
+                    bar.set_postfix(
+                        loss=f"{m['loss']:.4f}",
+                        mae=f"{m['loss'] * std:.4g} {dataset.unit}",
+                        mol_s=f"{m['molecules_per_s']:.1f}",
+                        epoch=position.epoch + 1,
+                    )
+                    writer.write(
+                        step,
+                        train_loss=m["loss"],
+                        train_mae=m["loss"] * std,
+                        molecules_per_s=m["molecules_per_s"],
+                        epoch=position.epoch,
+                    )
+                if config.eval_every_steps and step % config.eval_every_steps == 0:
+                    validate()
+                if last_in_epoch and (position.epoch + 1) % config.eval_every_epochs == 0:
+                    validate(epoch=position.epoch + 1)
+                    if is_main and "val_mae" in results:
+                        tqdm.write(
+                            f"epoch {position.epoch + 1}: validation MAE {results['val_mae']:.5g} {dataset.unit}"
+                        )
+                stop = bool(config.max_steps) and step >= config.max_steps
+                if step % config.checkpoint_every_steps == 0 or last_in_epoch or stop:
+                    save(next_position)
+                if stop:
+                    logging.info("stopping at max_steps=%d", config.max_steps)
+                    return {"step": step, **results}
+                if signals.requested:  # Ctrl-C or SIGTERM: save where we stand, then stop
+                    save(next_position)
+                    logging.warning("interrupted: checkpoint saved at step %d", step)
+                    raise KeyboardInterrupt
+            if "test" in eval_loaders:
+                results["test_mae"] = evaluate(parallel, state.eval_params, eval_loaders["test"], std)
+                writer.write(step, test_mae=results["test_mae"])
+                if is_main:
+                    tqdm.write(f"test MAE {results['test_mae']:.5g} {dataset.unit}")
+            return {"step": step, **results}
     finally:
         bar.close()
         writer.close()

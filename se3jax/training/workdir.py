@@ -88,14 +88,6 @@ def check_resumable(workdir: Path, config: dict) -> None:
         )
 
 
-def last_metrics_step(workdir: Path) -> int | None:
-    path = workdir / METRICS_FILE
-    if not path.exists():
-        return None
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
-    return max(steps) if steps else None
-
-
 def drop_metrics_after(workdir: Path, step: int) -> int:
     """Remove metrics rows logged after ``step`` (a resumed run logs those steps again, so
     every reader sees each step once). Returns how many rows were dropped."""
