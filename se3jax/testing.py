@@ -86,6 +86,24 @@ def assert_equivariant(
     assert worst <= rtol, f"equivariance error {worst:.3e} exceeds {rtol:.1e}"
 
 
+def water():
+    """``(atoms, positions)`` of water (O-H 0.9572 A, H-O-H 104.5 degrees)."""
+    return ["O", "H", "H"], np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0], [-0.2400, 0.9266, 0.0]])
+
+
+def methane():
+    """Ideal methane (C-H 1.09 A, tetrahedral): four symmetry-equivalent hydrogens."""
+    tetrahedron = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)
+    return ["C", "H", "H", "H", "H"], np.concatenate([np.zeros((1, 3)), 1.09 * tetrahedron])
+
+
+def benzene():
+    """Planar benzene: C-C 1.39 A, C-H 1.09 A (atoms 0-5 carbons, 6-11 their hydrogens)."""
+    angles = np.arange(6) * np.pi / 3
+    ring = np.stack([np.cos(angles), np.sin(angles), np.zeros(6)], axis=1)
+    return ["C"] * 6 + ["H"] * 6, np.concatenate([1.39 * ring, (1.39 + 1.09) * ring])
+
+
 def synthetic_molecule(rng: np.random.Generator, num_atoms: int, num_rings: int = 1, target: float | None = None):
     """A QM9-like random molecule: a random tree of ~1.1–1.5 Å bonds plus ``num_rings`` ring
     closures (bonds in both directions, adjacent: paired edges; ~2.1 directed edges per

@@ -8,14 +8,9 @@ import pytest
 
 from se3jax import inference
 from se3jax.data.molecules import molecule_to_graph
-from se3jax.testing import random_rotations, relative_error
+from se3jax.testing import methane, random_rotations, relative_error
 
-METHANE = (
-    ["C", "H", "H", "H", "H"],
-    np.array(
-        [[0, 0, 0], [0.629, 0.629, 0.629], [-0.629, -0.629, 0.629], [-0.629, 0.629, -0.629], [0.629, -0.629, -0.629]]
-    ),
-)
+METHANE = methane()
 
 
 @pytest.fixture(scope="module")

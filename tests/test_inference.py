@@ -13,18 +13,12 @@ import pytest
 
 from se3jax import inference
 from se3jax.graphs import POSITIONS, pad_to_budget
-from se3jax.testing import random_rotations
+from se3jax.testing import methane, random_rotations, water
 from se3jax.training.checkpoints import Checkpointer
 from se3jax.training.train import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-WATER = (["O", "H", "H"], np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0], [-0.2400, 0.9266, 0.0]]))
-METHANE = (
-    ["C", "H", "H", "H", "H"],
-    np.array(
-        [[0, 0, 0], [0.629, 0.629, 0.629], [-0.629, -0.629, 0.629], [-0.629, 0.629, -0.629], [0.629, -0.629, -0.629]]
-    ),
-)
+WATER, METHANE = water(), methane()
 
 
 @pytest.fixture(scope="module")

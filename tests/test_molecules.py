@@ -13,24 +13,9 @@ from se3jax.data.molecules import (
     molecule_to_graph,
     node_features,
 )
+from se3jax.testing import benzene, methane, water
 
 SINGLE, DOUBLE, TRIPLE, AROMATIC = np.eye(4, dtype=np.float32)
-
-
-def benzene():
-    """Planar hexagon: C-C 1.39 A, C-H 1.09 A (atoms 0-5 carbons, 6-11 their hydrogens)."""
-    angles = np.arange(6) * np.pi / 3
-    ring = np.stack([np.cos(angles), np.sin(angles), np.zeros(6)], axis=1)
-    return ["C"] * 6 + ["H"] * 6, np.concatenate([1.39 * ring, (1.39 + 1.09) * ring])
-
-
-def methane():
-    tetrahedron = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)
-    return [6, 1, 1, 1, 1], np.concatenate([np.zeros((1, 3)), 1.09 * tetrahedron])
-
-
-def water():
-    return ["O", "H", "H"], [[0, 0, 0], [0.9572, 0, 0], [-0.2400, 0.9266, 0]]
 
 
 def edge_set(senders, receivers, features):
@@ -166,7 +151,8 @@ def test_explicit_bonds_replace_inference():
 
 
 def test_rdkit_noise_is_silenced_but_stderr_is_restored(capfd):
-    molecules.infer_bond_list(*methane())
+    atoms, positions = methane()
+    molecules.infer_bond_list(atomic_numbers_from(atoms), positions)
     import sys
 
     print("still here", file=sys.stderr)
