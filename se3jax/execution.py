@@ -9,7 +9,9 @@ One frozen :class:`Execution` travels down the model (passed by keyword to every
   backend and mode (training or inference);
 - the **edge chunk** (:func:`edge_chunk_rows`): on a CPU, the rows of a chunk are sized to the
   machine's last-level cache; on a GPU, edges are not chunked unless one layer's per-edge radial
-  weights would exceed ``radial_memory_mb`` (the chunk is then the largest that fits).
+  weights would exceed ``radial_memory_mb`` (then the fewest even chunks that fit);
+- whether the radial weights are **stored or recomputed** for the backward pass
+  (:func:`remat_radial`), and which **kernel** contracts them (:func:`resolve_kernel`).
 
 >>> Execution().precision, Execution(mode="infer").for_mode("train").mode
 ('fp32', 'train')
