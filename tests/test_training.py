@@ -16,7 +16,7 @@ import pytest
 
 from se3jax.data.loader import BatchLoader, budget_for
 from se3jax.graphs import pad_to_budget
-from se3jax.training.checkpoints import CheckpointError
+from se3jax.training.checkpoints import CheckpointError, Checkpointer
 from se3jax.training.config import load_config_file, validate_config
 from se3jax.training.parallel import DataParallel
 from se3jax.training.steps import create_train_state, make_train_step
@@ -191,6 +191,28 @@ def test_cli_rejects_a_config_typo():
     assert result.returncode != 0
     assert "batchsize" in result.stderr
     assert not Path("/nonexistent/never/created").exists()
+
+
+def test_background_saves_keep_the_saved_values_while_training_donates_the_state(tmp_path):
+    """Saves are written while the next steps run; those steps donate (overwrite) the state's
+    buffers, so each checkpoint must hold the values of its own step, not later ones."""
+    step_fn = jax.jit(lambda s: jax.tree.map(lambda x: x + 1.0, s), donate_argnums=0)
+    state = {"params": jnp.zeros(1_000_000), "opt": {"mu": jnp.ones(1_000_000)}}
+    checkpointer = Checkpointer(tmp_path, keep=5)
+    for step in range(1, 4):
+        state = step_fn(state)
+        checkpointer.save(step, state, {"epoch": step})
+    for _ in range(5):  # training goes on while the last save may still be writing
+        state = step_fn(state)
+    checkpointer.close()
+    reopened = Checkpointer(tmp_path, keep=5)
+    for step in range(1, 4):
+        restored, meta = reopened.restore(state, step=step)
+        assert meta["epoch"] == step
+        np.testing.assert_array_equal(restored["params"], np.full(1_000_000, float(step)))
+        np.testing.assert_array_equal(restored["opt"]["mu"], np.full(1_000_000, 1.0 + step))
+    assert reopened.latest_step() == 3
+    reopened.close()
 
 
 def test_corrupt_checkpoint_gives_a_clear_error(config, tmp_path):

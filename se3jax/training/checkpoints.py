@@ -28,10 +28,19 @@ class Checkpointer:
         )
 
     def latest_step(self) -> int | None:
+        self._manager.wait_until_finished()
         return self._manager.latest_step()
 
     def save(self, step: int, state, meta: dict) -> None:
-        """Save (replacing a checkpoint of the same step, e.g. one taken at an epoch's end)."""
+        """Save (replacing a checkpoint of the same step, e.g. one taken at an epoch's end).
+
+        The write runs in the background while training goes on: a synchronous save of the
+        reference model's state stopped an H100 for 1.1-1.6 s each time. Orbax copies the
+        arrays to host memory before this returns, so the next step may donate (overwrite)
+        the state's buffers (tested). The previous save is finished first, and :meth:`close`
+        waits for the last one.
+        """
+        self._manager.wait_until_finished()
         if int(step) in self._manager.all_steps():
             self._manager.delete(int(step))
         self._manager.save(
@@ -39,7 +48,6 @@ class Checkpointer:
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             force=True,
         )
-        self._manager.wait_until_finished()
 
     def restore(self, abstract_state=None, step: int | None = None):
         """``(state, meta)`` of ``step`` (default: the latest), or ``None`` if there is none.
@@ -48,6 +56,7 @@ class Checkpointer:
         initialised state); without it the saved tree comes back as nested dicts of arrays.
         Anything unreadable or mismatching raises :class:`CheckpointError`.
         """
+        self._manager.wait_until_finished()
         step = self.latest_step() if step is None else step
         if step is None:
             return None
