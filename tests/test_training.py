@@ -16,7 +16,7 @@ import pytest
 
 from se3jax.data.loader import BatchLoader, budget_for
 from se3jax.graphs import pad_to_budget
-from se3jax.training.checkpoints import CheckpointError, Checkpointer
+from se3jax.training.checkpoints import Checkpointer, CheckpointError
 from se3jax.training.config import load_config_file, validate_config
 from se3jax.training.parallel import DataParallel
 from se3jax.training.steps import create_train_state, make_train_step
