@@ -57,7 +57,7 @@ class Checkpointer:
         Anything unreadable or mismatching raises :class:`CheckpointError`.
         """
         self._manager.wait_until_finished()
-        step = self.latest_step() if step is None else step
+        step = self._manager.latest_step() if step is None else step
         if step is None:
             return None
         target = None if abstract_state is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
