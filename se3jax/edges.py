@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from se3jax.basis import edge_geometry, harmonics_dim
+from se3jax.basis import harmonics_dim, safe_directions, stacked_harmonics
 from se3jax.precision import at_least_f32
 
 
@@ -47,6 +47,8 @@ def edge_inputs(
     edge_features: jax.Array | None = None,
     mask: jax.Array | None = None,
     harmonics: jax.Array | None = None,
+    shifts: jax.Array | None = None,
+    cell: jax.Array | None = None,
 ) -> EdgeInputs:
     """The per-edge inputs for features of degrees up to ``max_degree``.
 
@@ -55,9 +57,14 @@ def edge_inputs(
     ``[E, F]`` (optional) come first in the scalars, the length last. ``mask`` defaults to all
     edges real. ``harmonics``: precomputed stacked harmonics (basis precomputation; then no
     gradient flows to positions through the directions, only through the lengths).
+
+    Periodic systems: ``shifts`` ``[E, 3]`` (integer images, e.g. from
+    :mod:`se3jax.neighbours`) and ``cell`` ``[3, 3]`` (lattice vectors as rows) make the
+    relative position ``positions[receivers] - positions[senders] + shifts @ cell``; gradients
+    flow to the cell too (stress as the derivative with respect to a strain of the cell).
     """
     senders, receivers = jnp.asarray(senders), jnp.asarray(receivers)
-    computed, lengths = edge_geometry(positions, senders, receivers, 2 * max_degree)
+    computed, lengths = edge_geometry(positions, senders, receivers, 2 * max_degree, shifts, cell)
     if harmonics is not None:
         expected = (senders.shape[0], harmonics_dim(2 * max_degree))
         if tuple(harmonics.shape) != expected:
@@ -75,3 +82,28 @@ def edge_inputs(
     if mask is None:
         mask = jnp.ones(senders.shape[0], bool)
     return EdgeInputs(senders, receivers, jnp.asarray(mask), scalars, computed)
+
+
+def edge_vectors(positions, senders, receivers, shifts=None, cell=None) -> jax.Array:
+    """Relative positions ``[E, 3]``: destination minus source, plus the periodic image
+    ``shifts @ cell`` when given (both or neither)."""
+    vectors = positions[receivers] - positions[senders]
+    if (shifts is None) != (cell is None):
+        raise ValueError("periodic edges need both shifts [E, 3] and the cell [3, 3] (or neither)")
+    if shifts is not None:
+        cell = jnp.asarray(cell)
+        if cell.shape != (3, 3) or jnp.shape(shifts) != (senders.shape[0], 3):
+            raise ValueError(
+                f"shifts must be [E={senders.shape[0]}, 3] and cell [3, 3], got {tuple(jnp.shape(shifts))} "
+                f"and {tuple(cell.shape)}"
+            )
+        # elementwise, not a matmul: exact whatever matmul precision a backend defaults to (TF32)
+        vectors = vectors + jnp.sum(jnp.asarray(shifts).astype(cell.dtype)[:, :, None] * cell[None], axis=1)
+    return vectors
+
+
+def edge_geometry(positions, senders, receivers, max_order: int, shifts=None, cell=None):
+    """Per-edge stacked harmonics ``[E, (max_order+1)^2]`` and lengths ``[E]`` (as
+    :func:`se3jax.basis.edge_geometry`, with periodic images)."""
+    unit, length, _ = safe_directions(edge_vectors(positions, senders, receivers, shifts, cell))
+    return stacked_harmonics(unit, max_order), length

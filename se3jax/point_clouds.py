@@ -3,8 +3,8 @@ graphs over padded point sets, as edge lists padded to a budget with a mask.
 
 Both build the all-pairs distance matrix: ``O(N^2)`` time and memory per call (16 MB of
 float32 at 2,000 points, 1 GB at 16,000). That is fine up to a few thousand points per call;
-beyond, build the edges on the host with a spatial index (e.g. ``scipy.spatial.cKDTree``) and
-pass them to :func:`se3jax.edges.edge_inputs` directly.
+beyond, and for periodic cells, use :mod:`se3jax.neighbours` (cell lists under ``jit``, ``O(N)``,
+and a host path), which returns the same :class:`PointCloudGraph`.
 
 Radius graphs are symmetric and come out *paired* (edges 2k and 2k+1 are the two directions of
 one pair, what ``Execution(paired_edges=True)`` expects); k-NN graphs are directed (neighbour ->
@@ -39,6 +39,9 @@ class PointCloudGraph(NamedTuple):
     mask: jax.Array  # [E] bool: real edges
     overflow: jax.Array  # [] int32: edges that did not fit the budget (0 unless truncated)
     closest: jax.Array  # [] float: the smallest distance between two real points
+    # [E, 3] int32 periodic image of each edge's receiver, in cell vectors: the edge vector is
+    # positions[receivers] - positions[senders] + shifts @ cell (None: an open system)
+    shifts: jax.Array | None = None
 
 
 def _distances(points: jax.Array, valid: jax.Array, segment_ids: jax.Array | None):
@@ -111,7 +114,8 @@ def check_graph(graph: PointCloudGraph, points=None, mask=None, min_distance: fl
     if int(graph.overflow):
         raise ValueError(
             f"the neighbour budget overflowed by {int(graph.overflow)} edges: raise "
-            f"max_neighbours (or the cutoff is too large for this point density)"
+            f"max_neighbours (or bin_capacity for a cell list; or the cutoff is too large for "
+            f"this point density)"
         )
     if float(graph.closest) < min_distance:
         pairs = ""
