@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from se3jax.data.qm9 import DEFAULT_CACHE_DIR, PORTABLE_FILE, export_portable, load_or_build_cache  # noqa: E402
+from se3jax.data.qm9_cache import DEFAULT_CACHE_DIR, PORTABLE_FILE, export_portable, load_or_build_cache  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -8,9 +8,18 @@ import jraph
 import numpy as np
 import pytest
 
-from se3jax.data import qm9
+from se3jax.data import qm9_cache, qm9_source
+from se3jax.data.loader import precompute_edge_harmonics
 from se3jax.data.molecules import BOND_TYPES, node_features
-from se3jax.data.qm9 import HARTREE_TO_EV, TARGETS, Normalisation, load_qm9, split_indices, split_sizes
+from se3jax.data.qm9 import (
+    HARTREE_TO_EV,
+    TARGETS,
+    Normalisation,
+    QM9Dataset,
+    load_qm9,
+    split_indices,
+    split_sizes,
+)
 
 SUBSET = 1000
 
@@ -151,10 +160,10 @@ def test_second_load_reads_the_cache(dataset, cache_dir, monkeypatch):
     def no_processing(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(qm9, "process_qm9", no_processing)
+    monkeypatch.setattr(qm9_cache, "process_qm9", no_processing)
     again = load_qm9(cache_dir, task="gap", max_molecules=SUBSET)
-    assert qm9.cache_path(cache_dir, SUBSET).name == f"qm9_bond_graphs_first{SUBSET}.npz"
-    for key in qm9._ARRAY_KEYS:
+    assert qm9_cache.cache_path(cache_dir, SUBSET).name == f"qm9_bond_graphs_first{SUBSET}.npz"
+    for key in qm9_source.ARRAY_KEYS:
         np.testing.assert_array_equal(getattr(again, key), getattr(dataset, key))
     assert again.unit == "eV" and again.target_mean != dataset.target_mean
 
@@ -168,7 +177,7 @@ def test_unknown_task_raises_listing_valid_tasks(cache_dir):
 def test_broken_cache_is_detected_logged_and_rebuilt(tmp_path, caplog, monkeypatch, damage):
     k = 300
     reference = load_qm9(tmp_path, max_molecules=k, num_workers=1)
-    path = qm9.cache_path(tmp_path, k)
+    path = qm9_cache.cache_path(tmp_path, k)
     if damage == "garbage":
         path.write_bytes(b"\x00not a cache\xff" * 100)
     elif damage == "truncated":
@@ -180,7 +189,7 @@ def test_broken_cache_is_detected_logged_and_rebuilt(tmp_path, caplog, monkeypat
         with open(path, "wb") as f:
             np.savez(f, **contents)
     elif damage == "version":
-        monkeypatch.setattr(qm9, "CACHE_FORMAT_VERSION", qm9.CACHE_FORMAT_VERSION + 1)
+        monkeypatch.setattr(qm9_cache, "CACHE_FORMAT_VERSION", qm9_cache.CACHE_FORMAT_VERSION + 1)
     expected_reason = {
         "garbage": "unreadable",
         "truncated": "unreadable",
@@ -192,7 +201,7 @@ def test_broken_cache_is_detected_logged_and_rebuilt(tmp_path, caplog, monkeypat
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("stale or corrupt" in m and expected_reason in m for m in messages), messages
     np.testing.assert_array_equal(rebuilt.positions, reference.positions)
-    qm9.load_cache(path, k)  # the rebuilt file is valid
+    qm9_cache.load_cache(path, k)  # the rebuilt file is valid
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -200,9 +209,9 @@ def test_precomputed_harmonics_match_the_model_geometry(dataset):
     from se3jax.basis import edge_geometry
     from se3jax.graphs import HARMONICS
 
-    seconds = dataset.precompute_harmonics(max_degree=3)
+    dataset.edge_harmonics = precompute_edge_harmonics(dataset, max_degree=3)
     try:
-        assert seconds >= 0 and dataset.edge_harmonics.shape == (len(dataset.senders), 49)
+        assert dataset.edge_harmonics.shape == (len(dataset.senders), 49)
         batch = dataset.batch_graphs(np.arange(5))
         expected, _ = edge_geometry(batch.nodes["positions"], batch.senders, batch.receivers, 6)
         np.testing.assert_allclose(batch.edges[HARMONICS], expected, rtol=1e-5, atol=1e-6)
@@ -213,12 +222,12 @@ def test_precomputed_harmonics_match_the_model_geometry(dataset):
 def test_portable_file_round_trips_and_refuses_corruption(cache_dir, tmp_path):
     """The compressed portable file decodes to exactly the cached arrays (checksum verified),
     loads through cache_dir without RDKit processing, and a damaged copy is refused."""
-    arrays = qm9.load_cache(qm9.cache_path(cache_dir, SUBSET), SUBSET)
-    path = tmp_path / qm9.PORTABLE_FILE
-    digest = qm9.export_portable(arrays, path)
-    assert (tmp_path / (qm9.PORTABLE_FILE + ".sha256")).read_text().startswith(digest)
+    arrays = qm9_cache.load_cache(qm9_cache.cache_path(cache_dir, SUBSET), SUBSET)
+    path = tmp_path / qm9_cache.PORTABLE_FILE
+    digest = qm9_cache.export_portable(arrays, path)
+    assert (tmp_path / (qm9_cache.PORTABLE_FILE + ".sha256")).read_text().startswith(digest)
     assert path.stat().st_size < 0.6 * sum(a.nbytes for a in arrays.values())  # all of QM9: 32.6 of 64 MB
-    decoded = qm9.load_portable(path)
+    decoded = qm9_cache.load_portable(path)
     for key in arrays:
         np.testing.assert_array_equal(decoded[key], arrays[key], err_msg=key)
     dataset = load_qm9(tmp_path, "homo")  # no cache file there: the portable file is used
@@ -228,5 +237,71 @@ def test_portable_file_round_trips_and_refuses_corruption(cache_dir, tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(qm9.CacheError, match="unreadable|checksum"):
-        qm9.load_portable(path)
+    with pytest.raises(qm9_cache.CacheError, match="unreadable|checksum"):
+        qm9_cache.load_portable(path)
+
+
+LIMITS = {"train": 12, "val": 4, "test": 4}  # a short run's split limits, scaled down
+
+
+def _counting_processing(monkeypatch) -> list:
+    """Record the QM9 ids whose bonds get inferred (in-process: num_workers=1)."""
+    processed, real = [], qm9_source._process_record
+    monkeypatch.setattr(qm9_source, "_process_record", lambda r: processed.append(r[0]) or real(r))
+    return processed
+
+
+@pytest.mark.parametrize("task", ["U0", "homo"])  # U0: normalisation with per-element references
+def test_first_run_subset_on_an_empty_cache_equals_full_processing(tmp_path, monkeypatch, task):
+    """The first-run path: only the first molecules of each split are processed, and the
+    dataset equals the same molecules taken from a full processing (every array, the batches
+    and the normalisation fitted on the whole training split)."""
+    k = 80
+    processed = _counting_processing(monkeypatch)
+    subset = load_qm9(tmp_path, task, max_molecules=k, num_workers=1, split_limits=LIMITS)
+    assert len(processed) == subset.num_molecules == sum(LIMITS.values())
+    processed.clear()
+    full_arrays = qm9_source.process_qm9(k, num_workers=1)
+    full = QM9Dataset(**full_arrays, task=task, splits=split_indices(k))
+    assert subset.normalisation == full.normalisation
+    rows = np.sort(np.concatenate([full.splits[name][:limit] for name, limit in LIMITS.items()]))
+    expected = qm9_cache.select_molecules(full_arrays, rows)
+    for key in qm9_source.ARRAY_KEYS:
+        np.testing.assert_array_equal(getattr(subset, key), expected[key], err_msg=key)
+        assert getattr(subset, key).dtype == expected[key].dtype
+    for name, limit in LIMITS.items():
+        want = jax.tree_util.tree_leaves(full.batch_graphs(full.splits[name][:limit]))
+        got = jax.tree_util.tree_leaves(subset.batch_graphs(subset.splits[name]))
+        for x, y in zip(want, got, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_subset_cache_is_reused_keyed_by_its_molecules_and_read_from_a_full_cache(tmp_path, monkeypatch):
+    k = 80
+    first = load_qm9(tmp_path, "homo", max_molecules=k, num_workers=1, split_limits=LIMITS)
+    processed = _counting_processing(monkeypatch)
+    again = load_qm9(tmp_path, "gap", max_molecules=k, num_workers=1, split_limits=LIMITS)
+    assert processed == [] and again.num_molecules == first.num_molecules
+    np.testing.assert_array_equal(again.molecule_ids, first.molecule_ids)
+    load_qm9(tmp_path, "homo", max_molecules=k, num_workers=1, split_limits={**LIMITS, "train": 13})
+    assert len(processed) == 21 and len(list(tmp_path.glob("*_rows-*.npz"))) == 2  # another set, another file
+    processed.clear()
+    whole = load_qm9(tmp_path, "homo", max_molecules=k, num_workers=1)  # processes and caches all k
+    assert len(processed) == k
+    processed.clear()
+    from_whole = load_qm9(tmp_path, "homo", max_molecules=k, num_workers=1, split_limits={**LIMITS, "val": 5})
+    assert processed == [] and len(list(tmp_path.glob("*_rows-*.npz"))) == 2  # taken from the full cache
+    np.testing.assert_array_equal(
+        from_whole.molecule_ids[from_whole.splits["val"]], whole.molecule_ids[whole.splits["val"][:5]]
+    )
+
+
+def test_table_of_targets_and_elements_matches_full_processing():
+    k = 30
+    table = qm9_source.process_molecules([3, 7], k, num_workers=1)
+    full = qm9_source.process_qm9(k, num_workers=1)
+    np.testing.assert_array_equal(table["table_targets"], full["targets"])
+    np.testing.assert_array_equal(table["table_element_counts"], qm9_source.element_counts(full))
+    np.testing.assert_array_equal(table["molecule_ids"], full["molecule_ids"][[3, 7]])
+    with pytest.raises(ValueError, match="sorted"):
+        qm9_source.process_molecules([7, 3], k, num_workers=1)

@@ -1,7 +1,8 @@
-"""QM9 data: molecules -> bond graphs (``molecules``), the cached dataset and its splits
-(``qm9``), and padded training batches (``loader``)."""
+"""QM9 data: molecules -> bond graphs (``molecules``); QM9's CSVs read and bonds perceived
+(``qm9_source``), the processed arrays cached on disk (``qm9_cache``), the dataset with its
+splits and normalisation (``qm9``); padded training batches (``loader``)."""
 
-from se3jax.data.loader import BackgroundIterator, BatchLoader, budget_for, pack_batches
+from se3jax.data.loader import BackgroundIterator, BatchLoader, budget_for, pack_batches, precompute_edge_harmonics
 from se3jax.data.molecules import (
     ATOMIC_NUMBERS,
     BOND_TYPES,
@@ -50,4 +51,5 @@ __all__ = [
     "BatchLoader",
     "budget_for",
     "pack_batches",
+    "precompute_edge_harmonics",
 ]

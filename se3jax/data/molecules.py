@@ -25,6 +25,9 @@ from se3jax.graphs import TARGET, molecule_graph
 
 logger = logging.getLogger(__name__)
 
+# RDKit is imported inside the functions that use it (bond perception): training from a cache
+# or a portable file, and everything else here, runs without it (scripts/export_qm9.py).
+
 ELEMENTS = ("H", "C", "N", "O", "F")
 ATOMIC_NUMBERS = (1, 6, 7, 8, 9)
 NODE_FEATURES_DIM = len(ELEMENTS) + 1

@@ -10,6 +10,7 @@ from the saved position with logging, evaluation and checkpoints at their cadenc
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from se3jax.data.loader import BatchLoader, budget_for
+from se3jax.data.loader import BatchLoader, budget_for, precompute_edge_harmonics
 from se3jax.data.qm9 import DEFAULT_CACHE_DIR, QM9Dataset, load_qm9
 from se3jax.graphs import pad_to_budget
 from se3jax.model import SE3TransformerPooled
@@ -61,9 +62,16 @@ def build_model(config) -> SE3TransformerPooled:
 
 
 def load_dataset(config) -> QM9Dataset:
-    dataset = load_qm9(config.cache_dir or DEFAULT_CACHE_DIR, config.task, config.max_molecules or None)
+    """The config's QM9 data: only the molecules the run uses (``max_train_molecules``,
+    ``max_eval_molecules``) are loaded, processed on the first run (load_qm9's split_limits)."""
+    limits = {"train": config.max_train_molecules, "val": config.max_eval_molecules, "test": config.max_eval_molecules}
+    dataset = load_qm9(
+        config.cache_dir or DEFAULT_CACHE_DIR, config.task, config.max_molecules or None, split_limits=limits
+    )
     if config.precompute_bases:
-        seconds = dataset.precompute_harmonics(config.num_degrees - 1)
+        start = time.perf_counter()
+        dataset.edge_harmonics = precompute_edge_harmonics(dataset, config.num_degrees - 1)
+        seconds = time.perf_counter() - start
         logging.info(
             "precomputed edge harmonics in %.1f s (%.0f MB in host RAM)", seconds, dataset.edge_harmonics.nbytes / 1e6
         )
