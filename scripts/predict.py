@@ -4,7 +4,9 @@
 
 WORKDIR is a training workdir (train/main.py --workdir). Bonds are inferred from the
 geometry as for the training data. Molecules that cannot be read are reported on stderr with
-their file and position, and the rest are still predicted. Exit status: 0 all predicted,
+their file and position, and the rest are still predicted. A molecule outside what the model
+was trained on (more atoms than its largest training molecule, an element or bond never seen)
+is predicted with a warning in the table's last column (and in the CSV and JSON). Exit status: 0 all predicted,
 1 some molecules failed, 2 nothing could be predicted.
 """
 
@@ -45,17 +47,17 @@ def main(argv=None) -> int:
     column = f"{predictor.task} ({predictor.unit})"
     if not args.quiet and predictions:
         width = max(len(p.name) for p in predictions)
-        print(f"{'molecule':{width}}  atoms  {column}")
+        print(f"{'molecule':{width}}  atoms  {column:>14}  warnings (outside the training domain)")
         for p in predictions:
-            print(f"{p.name:{width}}  {p.num_atoms:5d}  {p.value:.6g}")
+            print(f"{p.name:{width}}  {p.num_atoms:5d}  {p.value:14.6g}  {'; '.join(p.warnings)}".rstrip())
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     rows = [dataclasses.asdict(p) for p in predictions]
     if args.csv:
         with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["source", "index", "name", "num_atoms", "value"])
+            writer = csv.DictWriter(f, fieldnames=["source", "index", "name", "num_atoms", "value", "warnings"])
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({**row, "warnings": "; ".join(row["warnings"])} for row in rows)
     if args.json:
         args.json.write_text(
             json.dumps(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,11 @@ import jax.numpy as jnp
 import jraph
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
+from se3jax.data.domain import TrainingDomain
 from se3jax.data.loader import pack_batches
+from se3jax.data.molecule_files import MoleculeError, read_molecules
 from se3jax.data.molecules import molecule_to_graph, node_features
 from se3jax.data.qm9 import QM9_SIZES, Normalisation
 from se3jax.graphs import (
@@ -44,7 +48,9 @@ from se3jax.layers.pooling import SMOOTH_POOLINGS
 from se3jax.model import SE3TransformerPooled
 from se3jax.training.checkpoints import Checkpointer, CheckpointError
 from se3jax.training.config import model_kwargs
-from se3jax.training.workdir import CHECKPOINT_DIR, CONFIG_FILE, NORMALISATION_FILE
+from se3jax.training.workdir import CHECKPOINT_DIR, CONFIG_FILE, DOMAIN_FILE, NORMALISATION_FILE
+
+logger = logging.getLogger(__name__)
 
 
 def budget_for_batch(batch_size: int, **sizes) -> PaddingBudget:
@@ -61,6 +67,7 @@ class Predictor:
     params: Any
     normalisation: Normalisation
     budget: PaddingBudget
+    domain: TrainingDomain | None = None  # the training molecules' range (None: not recorded)
 
     @property
     def task(self) -> str:
@@ -118,7 +125,15 @@ class Predictor:
         """Predict a list of molecules (GraphsTuples from :func:`molecules_to_graphs`' input
         format, i.e. ``(atoms, positions)`` or ``(atoms, positions, bonds)``, or unpadded
         GraphsTuples) in padded batches. Returns ``[M]`` in the target's unit."""
-        graphs = [m if isinstance(m, jraph.GraphsTuple) else molecule_to_graph(*m) for m in molecules]
+        graphs = [_as_graph(m) for m in molecules]
+        outside = sum(bool(w) for w in self.domain_warnings(graphs))
+        if outside:
+            logger.warning(
+                "%d of %d molecules lie outside the training domain: their predictions are extrapolations "
+                "(Predictor.domain_warnings says why)",
+                outside,
+                len(graphs),
+            )
         budget = self.budget if batch_size is None else budget_for_batch(batch_size)
         batches = pack_batches(
             [int(g.n_node[0]) for g in graphs],
@@ -137,6 +152,20 @@ class Predictor:
             if progress is not None:
                 progress(len(idx))
         return out
+
+    def domain_warnings(self, molecules: Sequence) -> list[list[str]]:
+        """Per molecule (as :meth:`predict_molecules` takes them), why its prediction is an
+        extrapolation: more atoms than the largest training molecule, fewer atoms or heavy atoms
+        than the smallest, elements or bond patterns the training set never had. An empty list:
+        inside the training domain (or none recorded: workdirs from before it was saved)."""
+        if self.domain is None:
+            return [[] for _ in molecules]
+        return [self.domain.check_graph(_as_graph(m)) for m in molecules]
+
+
+def _as_graph(molecule) -> jraph.GraphsTuple:
+    """An unpadded GraphsTuple, or ``(atoms, positions[, bonds])`` made into one."""
+    return molecule if isinstance(molecule, jraph.GraphsTuple) else molecule_to_graph(*molecule)
 
 
 def molecules_to_graphs(molecules: Sequence, budget: PaddingBudget) -> jraph.GraphsTuple:
@@ -194,7 +223,9 @@ def load_predictor(
             f"the checkpoint in {workdir} does not match the model of its "
             f"{CONFIG_FILE}: was the config edited after training?"
         )
-    return Predictor(model, params, Normalisation.from_json(norm), budget)
+    domain_file = workdir / DOMAIN_FILE
+    domain = TrainingDomain.from_json(json.loads(domain_file.read_text())) if domain_file.exists() else None
+    return Predictor(model, params, Normalisation.from_json(norm), budget, domain)
 
 
 def _example_graphs(budget: PaddingBudget) -> jraph.GraphsTuple:
@@ -306,6 +337,7 @@ class Prediction:
     name: str
     num_atoms: int
     value: float
+    warnings: list[str] = dataclasses.field(default_factory=list)  # outside the training domain
 
 
 def predict_files(predictor: Predictor, paths: Sequence[str | Path], batch_size: int = 100, progress: bool = False):
@@ -315,10 +347,6 @@ def predict_files(predictor: Predictor, paths: Sequence[str | Path], batch_size:
     element, malformed file, empty file, non-finite coordinates, a molecule larger than the
     padding budget, bond inference failure); every other molecule is still predicted.
     """
-    from tqdm import tqdm
-
-    from se3jax.data.molecule_files import MoleculeError, read_molecules
-
     budget = budget_for_batch(batch_size)
     records, graphs, errors = [], [], []
     for path in paths:
@@ -347,5 +375,8 @@ def predict_files(predictor: Predictor, paths: Sequence[str | Path], batch_size:
     if graphs:
         with tqdm(total=len(graphs), desc="predicting", unit="mol", disable=not progress) as bar:
             values = predictor.predict_molecules(graphs, batch_size, progress=bar.update)
-    predictions = [Prediction(r.source, r.index, r.name, len(r.atoms), float(v)) for r, v in zip(records, values)]
+    warnings = predictor.domain_warnings(graphs)
+    predictions = [
+        Prediction(r.source, r.index, r.name, len(r.atoms), float(v), w) for r, v, w in zip(records, values, warnings)
+    ]
     return predictions, errors

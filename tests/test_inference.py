@@ -127,7 +127,7 @@ def test_predict_files_reports_bad_molecules_and_predicts_the_rest(predictor, tm
 
 def test_predict_command_writes_csv_and_json(trained_workdir, tmp_path):
     mols = tmp_path / "mols.xyz"
-    mols.write_text("3\nwater\nO 0 0 0\nH 0.9572 0 0\nH -0.24 0.9266 0\n")
+    mols.write_text("3\nwater\nO 0 0 0\nH 0.9572 0 0\nH -0.24 0.9266 0\n1\ncarbon atom\nC 0 0 0\n")
     bad = tmp_path / "bad.xyz"
     bad.write_text("1\nxenon\nXe 0 0 0\n")
     result = subprocess.run(
@@ -141,7 +141,6 @@ def test_predict_command_writes_csv_and_json(trained_workdir, tmp_path):
             str(tmp_path / "out.csv"),
             "--json",
             str(tmp_path / "out.json"),
-            "--quiet",
         ],
         cwd=REPO,
         capture_output=True,
@@ -152,7 +151,50 @@ def test_predict_command_writes_csv_and_json(trained_workdir, tmp_path):
     assert "bad.xyz, molecule 1: unsupported element 'Xe'" in result.stderr
     assert "water" in (tmp_path / "out.csv").read_text()
     data = json.loads((tmp_path / "out.json").read_text())
-    assert data["unit"] == "eV" and len(data["predictions"]) == 1 and len(data["errors"]) == 1
+    assert data["unit"] == "eV" and len(data["predictions"]) == 2 and len(data["errors"]) == 1
+    water_row, carbon_row = data["predictions"]
+    assert water_row["warnings"] == [] and "fewer than the smallest training molecule" in carbon_row["warnings"][0]
+    table = dict(line.split(maxsplit=1) for line in result.stdout.splitlines()[1:])  # name -> rest of the row
+    assert "fewer than the smallest" in table["carbon"] and "fewer" not in table["water"]
+    assert "fewer than the smallest" in (tmp_path / "out.csv").read_text()
+
+
+def alkane(num_carbons: int):
+    """An all-anti CnH(2n+2) chain (C-C 1.53 A, C-H 1.09 A, tetrahedral angles)."""
+    half = np.radians(109.47 / 2)
+    dx, dy = 1.53 * np.sin(half), 1.53 * np.cos(half)
+    carbons = [np.array([k * dx, (k % 2) * dy, 0.0]) for k in range(num_carbons)]
+    atoms, positions = ["C"] * num_carbons, list(carbons)
+    for k, c in enumerate(carbons):
+        away = -1.0 if k % 2 == 0 else 1.0  # y direction away from both neighbours
+        hydrogens = [(0.0, away * np.cos(half), side * np.sin(half)) for side in (1.0, -1.0)]
+        if k in (0, num_carbons - 1):  # chain ends: a third hydrogen continuing the zigzag
+            hydrogens.append((dx if k else -dx, -away * dy, 0.0))
+        for d in hydrogens:
+            atoms.append("H")
+            positions.append(c + 1.09 * np.asarray(d) / np.linalg.norm(d))
+    return atoms, np.array(positions)
+
+
+def test_molecules_outside_the_training_domain_are_predicted_with_warnings(predictor, qm9_subset, caplog):
+    """A lone carbon atom and a 59-atom alkane (twice QM9's largest molecule) get warnings and
+    still a number; a molecule the model trained on gets none."""
+    domain = predictor.domain
+    assert domain is not None and domain.max_atoms <= 29  # saved by training (trained_workdir)
+    train = qm9_subset.splits["train"][:32]  # the molecules trained_workdir trained on
+    i = train[np.argmax(qm9_subset.num_nodes[train])]
+    a0, a1 = qm9_subset.atom_offsets[i], qm9_subset.atom_offsets[i + 1]
+    trained_on = (qm9_subset.atomic_numbers[a0:a1], qm9_subset.positions[a0:a1])
+    carbon, chain = (["C"], [[0.0, 0.0, 0.0]]), alkane(19)
+    assert len(chain[0]) == 59
+    warnings = predictor.domain_warnings([carbon, chain, trained_on])
+    assert any("1 atom: fewer than the smallest training molecule" in w for w in warnings[0]), warnings[0]
+    assert f"59 atoms: more than the largest training molecule ({domain.max_atoms} atoms)" in warnings[1]
+    assert warnings[2] == []
+    with caplog.at_level("WARNING"):
+        values = predictor.predict_molecules([carbon, chain, trained_on])
+    assert np.all(np.isfinite(values))
+    assert any("2 of 3 molecules lie outside the training domain" in r.getMessage() for r in caplog.records)
 
 
 def test_missing_workdir_and_checkpoint_give_clear_errors(tmp_path, trained_workdir):

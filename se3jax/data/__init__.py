@@ -1,6 +1,7 @@
 """QM9 data: molecules -> bond graphs (``molecules``); QM9's CSVs read and bonds perceived
 (``qm9_source``), the processed arrays cached on disk (``qm9_cache``), the dataset with its
-splits and normalisation (``qm9``); padded training batches (``loader``)."""
+splits and normalisation (``qm9``); padded training batches (``loader``); what a trained model
+has seen (``domain``)."""
 
 from se3jax.data.loader import BackgroundIterator, BatchLoader, budget_for, pack_batches, precompute_edge_harmonics
 from se3jax.data.molecules import (

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from se3jax.data.domain import TrainingDomain
 from se3jax.data.loader import BatchLoader, budget_for, precompute_edge_harmonics
 from se3jax.data.qm9 import DEFAULT_CACHE_DIR, QM9Dataset, load_qm9
 from se3jax.graphs import pad_to_budget
@@ -138,6 +139,9 @@ def train_and_evaluate(
     if is_main:
         files.save_json(workdir / files.NORMALISATION_FILE, dataset.normalisation.to_json())
     train_loader, eval_loaders = build_loaders(config, dataset)
+    if is_main:  # what inference warns outside of
+        domain = TrainingDomain.of_molecules(dataset, train_loader.indices)
+        files.save_json(workdir / files.DOMAIN_FILE, domain.to_json())
 
     # model, state and devices
     model = build_model(config)

@@ -4,6 +4,8 @@ Layout::
 
     config.json          the resolved config of the run
     normalisation.json   task, unit, train-split mean/std (what inference needs)
+    training_domain.json sizes, elements and bond patterns of the training molecules (inference
+                         warns about molecules outside them)
     metrics.jsonl        one JSON object per logged step / evaluation, each step once
     tensorboard/         TensorBoard event files
     checkpoints/<step>/  orbax checkpoints (state + data position)
@@ -19,6 +21,7 @@ from pathlib import Path
 
 CONFIG_FILE = "config.json"
 NORMALISATION_FILE = "normalisation.json"
+DOMAIN_FILE = "training_domain.json"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoints"
