@@ -33,8 +33,8 @@ Triton kernels when lowering for ``cuda``, Pallas interpret mode elsewhere (how 
 them against the einsum path in every precision on CPUs). The kernel is an execution choice
 (``Execution(kernel="pallas")``), never a different function or different parameters, and off
 unless asked for: no GPU measurement has yet shown it faster than XLA (``scripts/gpu_check.py
---only "partial_out xla" "partial_out pallas"`` measures the two side by side;
-``scripts/check_kernel.py`` compiles the kernels for sm_90 on a CPU host).
+--only "auto xla" "auto pallas"`` measures the two side by side; ``scripts/check_kernel.py``
+compiles the kernels for sm_90 on a CPU host).
 """
 
 from __future__ import annotations
