@@ -12,7 +12,9 @@ once.
 
 How they are built (Pallas Triton; the backend is named through its compiler parameters, so
 the ``jax_pallas_use_mosaic_gpu`` default cannot pick Mosaic GPU, which has no lowering for
-these dots and whose whole-block copies need 16-byte strides the small ``K`` axes lack):
+these dots through ``pallas_call`` and whose whole-block copies need 16-byte strides the small
+``K`` axes lack; JAX 0.11 deprecates the Triton backend, with a warning at each lowering, in
+favour of Mosaic GPU's warpgroup kernels: the port to come before JAX removes it):
 
 - Every dot is 2-D (Pallas Triton lowers no batched ``dot_general``): per row tile and output
   channel ``o``, ``h_tile [T, M] @ W[:, o, j-chunk] [M, 16]`` on the tensor cores. The per-row
@@ -33,8 +35,8 @@ Triton kernels when lowering for ``cuda``, Pallas interpret mode elsewhere (how 
 them against the einsum path in every precision on CPUs). The kernel is an execution choice
 (``Execution(kernel="pallas")``), never a different function or different parameters, and off
 unless asked for: no GPU measurement has yet shown it faster than XLA (``scripts/gpu_check.py
---only "auto xla" "auto pallas"`` measures the two side by side; ``scripts/check_kernel.py``
-compiles the kernels for sm_90 on a CPU host).
+--only "partial_out xla" "partial_out pallas"`` measures the two side by side;
+``scripts/check_kernel.py`` compiles the kernels for sm_90 on a CPU host).
 """
 
 from __future__ import annotations
