@@ -34,7 +34,7 @@ optimizer = optax.adamw(2e-3, weight_decay=0.1)
 batches = [synthetic_batch(np.random.default_rng(d), batch_size) for d in range(devices)]
 stacked = batches[0] if devices == 1 else jax.tree.map(lambda *x: np.stack(x), *batches)
 state = create_train_state(model, optimizer, batches[0], jax.random.PRNGKey(0))
-parallel = DataParallel(model, optimizer, devices)
+parallel = DataParallel(model, devices)
 state, batch = parallel.put_replicated(state), parallel.put_batch(stacked)
 start = time.perf_counter()
 state, metrics = parallel.train_step(state, batch)

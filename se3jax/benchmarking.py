@@ -186,7 +186,7 @@ def measure(
 
     def jitted(m):
         if setting.mode == "train":
-            return jax.jit(make_train_step(m, optimizer), donate_argnums=0)
+            return jax.jit(make_train_step(m), donate_argnums=0)
         return jax.jit(m.apply)
 
     args = (state, batch) if setting.mode == "train" else (state.params, batch)

@@ -1,4 +1,4 @@
-"""Precision policies and dynamic loss scaling.
+"""Precision policies (fp16 training adds Flax's dynamic loss scaling: se3jax.training.steps).
 
 A policy fixes the dtype of the contractions (radial weights, TFN and attention einsums, the
 dense layers) and the matmul precision each of them asks for. Parameters always stay float32;
@@ -95,48 +95,3 @@ def get_policy(policy: str | Policy) -> Policy:
     if policy not in _DTYPES:
         raise ValueError(f"unknown precision {policy!r}; choose one of {POLICIES}")
     return Policy(policy, np.dtype(_DTYPES[policy]), _DOT_PRECISION[policy])
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DynamicLossScale:
-    """Loss scaling for fp16: multiply the loss by ``scale`` before differentiating, divide
-    the gradients after. On a non-finite gradient the step is skipped and the scale halved;
-    after ``period`` finite steps in a row it doubles.
-
-    >>> s = DynamicLossScale.create(initial_scale=2.0**15)
-    >>> s = s.adjust(jnp.array(False))
-    >>> float(s.scale)
-    16384.0
-    """
-
-    scale: jax.Array
-    good_steps: jax.Array
-    period: int = dataclasses.field(default=2000, metadata=dict(static=True))
-    factor: float = dataclasses.field(default=2.0, metadata=dict(static=True))
-
-    @classmethod
-    def create(cls, initial_scale: float = 2.0**15, period: int = 2000) -> DynamicLossScale:
-        return cls(jnp.asarray(initial_scale, jnp.float32), jnp.zeros((), jnp.int32), period)
-
-    def scale_loss(self, loss: jax.Array) -> jax.Array:
-        return loss * self.scale.astype(loss.dtype)
-
-    def unscale(self, grads):
-        return jax.tree.map(lambda g: g / self.scale.astype(g.dtype), grads)
-
-    def adjust(self, grads_finite: jax.Array) -> DynamicLossScale:
-        grow = self.good_steps + 1 >= self.period
-        new_scale = jnp.where(
-            grads_finite,
-            jnp.where(grow, self.scale * self.factor, self.scale),
-            jnp.maximum(self.scale / self.factor, 1.0),
-        )
-        new_good = jnp.where(grads_finite, jnp.where(grow, 0, self.good_steps + 1), 0)
-        return dataclasses.replace(self, scale=new_scale, good_steps=new_good)
-
-
-def all_finite(tree) -> jax.Array:
-    """True iff every leaf of ``tree`` is finite (a scalar bool array)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.stack(leaves).all() if leaves else jnp.array(True)

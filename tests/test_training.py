@@ -63,6 +63,10 @@ def test_tiny_training_learns_and_writes_its_workdir(config, tmp_path):
     norm = json.loads((tmp_path / "normalisation.json").read_text())
     assert norm["unit"] == "eV" and norm["std"] > 0
     assert any((tmp_path / "tensorboard").iterdir())
+    # a rerun of the finished run reports its results: no training, no second test evaluation
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    assert train_and_evaluate(config, tmp_path) == result
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics and len(read_metrics(tmp_path, "test_mae")) == 1
 
 
 def test_resume_after_stop_equals_uninterrupted_run(config, tmp_path):
@@ -99,7 +103,7 @@ def test_two_devices_equal_one_device_on_the_combined_batch(config, two_batches_
     state = create_train_state(model, optimizer, combined, jax.random.PRNGKey(0))
 
     def run(num_devices, batch):
-        parallel = DataParallel(model, optimizer, num_devices)
+        parallel = DataParallel(model, num_devices)
         assert parallel.num_devices == num_devices
         new_state, metrics = parallel.train_step(parallel.put_replicated(state), parallel.put_batch(batch))
         return parallel.get(new_state).params, parallel.get(metrics)
@@ -141,7 +145,7 @@ def test_fp16_loss_scaling_skips_overflowing_steps(config, two_batches_and_combi
     model = build_model(config)
     optimizer = optax.adam(1e-3)
     state = create_train_state(model, optimizer, batch, jax.random.PRNGKey(0), loss_scaling=True)
-    step = jax.jit(make_train_step(model, optimizer))
+    step = jax.jit(make_train_step(model))
     good, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
     assert any(

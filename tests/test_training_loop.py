@@ -102,6 +102,8 @@ def test_resuming_under_a_changed_config_is_refused(tmp_path):
     files.save_json(tmp_path / files.CONFIG_FILE, saved)
     (tmp_path / files.CHECKPOINT_DIR / "4").mkdir(parents=True)
     files.check_resumable(tmp_path, {**saved, "num_epochs": 10, "log_every_steps": 1})  # safe
+    files.save_json(tmp_path / files.CONFIG_FILE, {**saved, "parallel": "pmap"})  # a retired option
+    files.check_resumable(tmp_path, saved)
     with pytest.raises(ValueError, match=r"batch_size: 16 -> 32, seed: 0 -> 1.*new workdir"):
         files.check_resumable(tmp_path, {**saved, "seed": 1, "batch_size": 32})
     (tmp_path / files.CHECKPOINT_DIR / "4").rmdir()  # no checkpoint: any config may start
@@ -145,9 +147,69 @@ def test_exponential_moving_average_of_the_weights(qm9_subset):
     optimizer = optax.sgd(0.1)
     state = create_train_state(model, optimizer, batch, jax.random.PRNGKey(0), ema_decay=0.75)
     assert state.eval_params is state.ema_params
-    new = jax.jit(make_train_step(model, optimizer))(state, batch)[0]
+    new = jax.jit(make_train_step(model))(state, batch)[0]
     for ema, old, params in zip(*map(jax.tree.leaves, (new.ema_params, state.params, new.params))):
         np.testing.assert_allclose(ema, 0.75 * old + 0.25 * params, rtol=1e-6, atol=1e-7)
     assert any(
         float(jnp.abs(p - o).max()) > 0 for p, o in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))
     )
+
+
+def test_a_finished_run_is_recognised_only_when_a_rerun_would_change_nothing(tmp_path):
+    config = {"num_epochs": 4, "max_eval_molecules": 0, "seed": 0}
+    results = {"step": 12, "val_mae": 0.5, "test_mae": 0.25}
+    (tmp_path / files.CHECKPOINT_DIR / "12").mkdir(parents=True)
+    assert files.finished_results(tmp_path, config) is None  # trained, but not finished
+    files.save_results(tmp_path, results, config)
+    assert files.finished_results(tmp_path, config) == results
+    assert files.finished_results(tmp_path, {**config, "num_epochs": 3, "seed": 1}) == results  # nothing to train
+    assert files.finished_results(tmp_path, {**config, "num_epochs": 5}) is None  # one more epoch to train
+    assert files.finished_results(tmp_path, {**config, "max_eval_molecules": 40}) is None  # another test subset
+    (tmp_path / files.CHECKPOINT_DIR / "15.orbax-checkpoint-tmp-1").mkdir()  # an unfinished save
+    assert files.finished_results(tmp_path, config) == results
+    (tmp_path / files.CHECKPOINT_DIR / "15").mkdir()  # trained further since the results
+    assert files.finished_results(tmp_path, config) is None
+
+
+def test_metrics_writer_opens_its_files_at_the_first_row(tmp_path):
+    """A resumed run drops the rows after its checkpoint before writing: a writer that had
+    opened the file earlier would append to the replaced (unlinked) file."""
+    rows = [{"step": s, "train_loss": 1.0} for s in (2, 4, 6)]
+    (tmp_path / files.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    writer = files.MetricsWriter(tmp_path, enabled=True)
+    files.drop_metrics_after(tmp_path, 4)
+    writer.write(5, train_loss=0.5)
+    writer.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / files.METRICS_FILE).read_text().splitlines()]
+    assert steps == [2, 4, 5]
+
+
+def test_the_config_takes_its_execution_and_model_keys_from_the_classes():
+    """One definition: the config's execution keys, defaults, choices and help are Execution's
+    fields; its model defaults are the model's."""
+    import dataclasses
+
+    from se3jax.execution import Execution
+    from se3jax.model import SE3TransformerPooled
+    from se3jax.training.config import config_help, default_config, execution_from_config, validate_config
+
+    config, help_text = default_config(), config_help()
+    for field in dataclasses.fields(Execution):
+        if field.name == "mode":  # set by the code (training or inference), not a config key
+            assert field.name not in config
+            continue
+        assert config[field.name] == field.default and f"--config.{field.name}=" in help_text
+        assert field.metadata["doc"] in help_text
+    assert execution_from_config(config, "infer") == Execution(mode="infer")
+    model = SE3TransformerPooled()
+    assert (config.num_layers, config.num_channels, config.self_interaction) == (
+        model.num_layers,
+        model.num_channels,
+        model.self_interaction,
+    )
+    config.update(task="homo", kernel="cuda")
+    with pytest.raises(ValueError, match=r"config.kernel='cuda' is not one of \('auto', 'xla', 'pallas'\)"):
+        validate_config(config)
+    config.update(kernel="auto", edge_chunk=-1)
+    with pytest.raises(ValueError, match="edge_chunk >= 0"):
+        validate_config(config)

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import jax
 
+from se3jax.training.parallel import prefetch_to_device
+
 
 class Position(NamedTuple):
     """The next batch to train on: ``batch`` of ``epoch`` (what a checkpoint saves)."""
@@ -42,8 +44,6 @@ def training_batches(
     """``(position, batch, last_in_epoch)`` from ``start`` to the end of ``num_epochs``: the
     resume logic lives here, once. ``put`` moves each batch to the devices (ahead of use, see
     :func:`se3jax.training.parallel.prefetch_to_device`)."""
-    from se3jax.training.parallel import prefetch_to_device
-
     if start.epoch >= num_epochs:  # the run is complete
         return
     first_epoch, first = canonical(start, loader.num_batches)

@@ -25,10 +25,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from se3jax.training.steps import make_eval_step, make_train_step
+from se3jax.training.workdir import config_changes
 
 AXIS = "devices"
 
@@ -55,7 +57,7 @@ def mesh_devices(num_local: int = 0) -> list:
 class DataParallel:
     """The train and eval steps over a mesh of ``num_local_devices`` per process (0 = all)."""
 
-    def __init__(self, model, optimizer, num_local_devices: int = 0):
+    def __init__(self, model, num_local_devices: int = 0):
         devices = mesh_devices(num_local_devices)
         self.mesh = Mesh(np.array(devices), (AXIS,))
         self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
@@ -65,7 +67,7 @@ class DataParallel:
         # explicit psum sums them (with the check on, autodiff would already sum them across
         # devices and the psum would count them twice).
         per_device = lambda fn: lambda a, batch: fn(a, jax.tree.map(_first_device_block, batch))
-        train = make_train_step(model, optimizer, axis_name=AXIS)
+        train = make_train_step(model, axis_name=AXIS)  # the optimizer travels in the state
         evaluate = make_eval_step(model, axis_name=AXIS)
         self.train_step = jax.jit(
             jax.shard_map(
@@ -173,10 +175,6 @@ def check_processes_agree(config_dict: dict) -> None:
     other's config and code version and raises naming the keys that differ from process 0."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
-    from se3jax.training.workdir import config_changes
-
     shared = {k: v for k, v in config_dict.items() if k not in PER_PROCESS_KEYS}
     mine = json.dumps({"config": shared, "code_version": code_version()}, sort_keys=True).encode()
     if len(mine) > _AGREEMENT_BYTES:

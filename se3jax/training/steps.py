@@ -1,4 +1,11 @@
-"""Loss, train state, and the jit/pmap-ready train and eval steps (one definition each)."""
+"""Loss, train state, and the jit/shard_map-ready train and eval steps (one definition each).
+
+The state is Flax's :class:`flax.training.train_state.TrainState` (step, parameters, the
+optimizer ``tx`` and its state) with the recipe's additions: fp16 loss scaling (Flax's
+:class:`~flax.training.dynamic_scale.DynamicScale`) and a moving average of the weights. The
+steps take the model explicitly (the state's ``apply_fn`` is unused): execution choices share the
+parameters, so one state trains or evaluates under any execution plan.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +16,20 @@ import jax
 import jax.numpy as jnp
 import jraph
 import optax
+from flax.training import train_state
+from flax.training.dynamic_scale import DynamicScale
 
 from se3jax.graphs import TARGET, padding_masks
-from se3jax.precision import DynamicLossScale, all_finite
+
+INITIAL_LOSS_SCALE = 2.0**15  # fp16's largest power of two is 2^15: the first steps rarely overflow
 
 
-class TrainState(flax.struct.PyTreeNode):
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    loss_scale: DynamicLossScale | None = None  # fp16 only
-    ema_params: Any = None  # an exponential moving average of params (when asked for)
+class TrainState(train_state.TrainState):
+    """Flax's train state plus ``loss_scale`` (fp16 only) and ``ema_params``, an exponential
+    moving average of the parameters with ``ema_decay`` (when asked for)."""
+
+    loss_scale: DynamicScale | None = None
+    ema_params: Any = None
     ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
 
     @property
@@ -37,14 +47,20 @@ def create_train_state(
     params=None,
     ema_decay: float = 0.0,
 ) -> TrainState:
-    """A fresh state: ``params`` initialised from ``rng`` (or the ones given). ``ema_decay >
-    0`` also keeps a moving average of the parameters, updated after every step."""
+    """A fresh state: ``params`` initialised from ``rng`` (or the ones given). ``loss_scaling``:
+    dynamic loss scaling from 2^15, halved on overflow (never below 1), doubled after 2,000
+    finite steps. ``ema_decay > 0`` also keeps a moving average of the parameters."""
     params = jax.jit(model.init)(rng, graphs) if params is None else params
+    loss_scale = DynamicScale(
+        fin_steps=jnp.zeros((), jnp.int32), scale=jnp.asarray(INITIAL_LOSS_SCALE, jnp.float32), minimum_scale=1.0
+    )
     return TrainState(
         step=jnp.zeros((), jnp.int32),
+        apply_fn=None,  # the steps take the model: one state runs under any execution plan
         params=params,
+        tx=optimizer,
         opt_state=optimizer.init(params),
-        loss_scale=DynamicLossScale.create() if loss_scaling else None,
+        loss_scale=loss_scale if loss_scaling else None,
         ema_params=jax.tree.map(jnp.array, params) if ema_decay > 0 else None,
         ema_decay=float(ema_decay),
     )
@@ -57,47 +73,44 @@ def masked_l1(predictions: jax.Array, targets: jax.Array, graph_mask: jax.Array)
     return jnp.sum(err), jnp.sum(graph_mask.astype(jnp.float32))
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation, axis_name: str | None = None):
-    """``step(state, graphs) -> (state, metrics)``: L1 loss on normalised targets, gradients
-    averaged over real graphs (and over devices with ``lax.pmean`` under ``axis_name``),
-    optimizer update; with a loss scale (fp16), non-finite steps are skipped."""
+def make_train_step(model, *, axis_name: str | None = None):
+    """``step(state, graphs) -> (state, metrics)``: L1 loss of ``model`` on normalised targets,
+    gradients averaged over real graphs (and summed over devices under ``axis_name``), the
+    state's optimizer update; with a loss scale (fp16), non-finite steps are skipped."""
 
     def step(state: TrainState, graphs: jraph.GraphsTuple):
         graph_mask = padding_masks(graphs).graphs
-        targets = graphs.globals[TARGET]
 
         def loss_fn(params):
-            abs_sum, count = masked_l1(model.apply(params, graphs), targets, graph_mask)
+            abs_sum, count = masked_l1(model.apply(params, graphs), graphs.globals[TARGET], graph_mask)
             if axis_name is not None:
-                # Divide by the real graphs of ALL devices: the psum of the per-device
+                # Divide by the real graphs of ALL devices: the sum of the per-device
                 # gradients is then exactly the gradient of the global mean.
                 count = jax.lax.psum(count, axis_name)
-            local = abs_sum / jnp.maximum(count, 1.0)
-            scaled = state.loss_scale.scale_loss(local) if state.loss_scale is not None else local
-            return scaled, (abs_sum, count)
+            return abs_sum / jnp.maximum(count, 1.0), (abs_sum, count)
 
-        grads, (abs_sum, count) = jax.grad(loss_fn, has_aux=True)(state.params)
+        if state.loss_scale is None:
+            grads, (abs_sum, count) = jax.grad(loss_fn, has_aux=True)(state.params)
+            grads = grads if axis_name is None else jax.lax.psum(grads, axis_name)
+            loss_scale = finite = None
+        else:  # DynamicScale averages gradients over devices: the loss is times their count
+            devices = 1 if axis_name is None else jax.lax.psum(1, axis_name)
+            times_devices = lambda params: (lambda loss, aux: (loss * devices, aux))(*loss_fn(params))
+            scaled_grad = state.loss_scale.value_and_grad(times_devices, has_aux=True, axis_name=axis_name)
+            loss_scale, finite, (_, (abs_sum, count)), grads = scaled_grad(state.params)
         if axis_name is not None:
-            grads = jax.lax.psum(grads, axis_name)
             abs_sum = jax.lax.psum(abs_sum, axis_name)
-        loss_scale = state.loss_scale
-        if loss_scale is not None:
-            grads = loss_scale.unscale(grads)
-            finite = all_finite(grads)
-            loss_scale = loss_scale.adjust(finite)
         with jax.named_scope("optimizer"):
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-        if state.loss_scale is not None:  # skip the update on overflow
+            new_state = state.apply_gradients(grads=grads, loss_scale=loss_scale)
+        if finite is not None:  # skip the update on overflow
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-        ema_params = state.ema_params
-        if ema_params is not None:
+            new_state = new_state.replace(
+                params=keep(new_state.params, state.params), opt_state=keep(new_state.opt_state, state.opt_state)
+            )
+        if state.ema_params is not None:
             decay = state.ema_decay
-            ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params, loss_scale=loss_scale
-        )
+            ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, new_state.params)
+            new_state = new_state.replace(ema_params=ema)
         metrics = {"loss": abs_sum / jnp.maximum(count, 1.0), "num_graphs": count}
         if loss_scale is not None:
             metrics["loss_scale"] = loss_scale.scale

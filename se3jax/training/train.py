@@ -2,17 +2,22 @@
 resume exactly, metrics as JSON lines and TensorBoard events, all outputs in ``workdir``
 (layout in :mod:`se3jax.training.workdir`).
 
-The loop reads top to bottom: start (distributed runtime, config checks), data, model and
-state (restored if the workdir has a checkpoint), then one pass over the training batches
-from the saved position with logging, evaluation and checkpoints at their cadences.
+:func:`train_and_evaluate` reads top to bottom: start (config checks, distributed runtime,
+workdir), stop at once if the workdir holds a finished run, data, model and state (restored if
+the workdir has a checkpoint), then :func:`train_steps` over the training batches from the saved
+position with logging, evaluation and checkpoints at their cadences, and the test split once at
+the end. The parts that stay fixed while training are one :class:`Run`; the state and the step
+are passed explicitly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -113,42 +118,52 @@ def evaluate(parallel: DataParallel, params, loader: BatchLoader, std: float) ->
     return total / max(count, 1.0) * std
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str | Path,
-    dataset: QM9Dataset | None = None,
-    hooks: Sequence[Callable] = (),
-) -> dict:
-    """Train on the QM9 train split, evaluate on validation during training and on test at the
-    end. Restarting with the same ``workdir`` resumes from the last checkpoint at the exact
-    batch it stopped at. ``dataset``: a loaded dataset (default: the one the config names).
-    ``hooks``: callables ``hook(step, state, position)`` run after every step (``position``:
-    the batch just trained). Returns the final metrics (MAE in the target's unit)."""
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What stays fixed while one run trains: its config, data, devices and outputs."""
+
+    config: ml_collections.ConfigDict
+    dataset: QM9Dataset
+    train_loader: BatchLoader
+    eval_loaders: dict[str, BatchLoader]
+    parallel: DataParallel
+    checkpointer: Checkpointer
+    writer: files.MetricsWriter
+    is_main: bool
+
+    def save(self, step: int, state, next_position: Position) -> None:
+        """Checkpoint ``state`` after ``step`` with the position of the next batch."""
+        meta = {"epoch": next_position.epoch, "batch": next_position.batch, "seed": self.config.seed}
+        self.checkpointer.save(step, state, meta)
+
+    def evaluate(self, split: str, step: int, state, **extra) -> dict[str, float]:
+        """``{"<split>_mae": MAE}`` of ``state``'s evaluation parameters, also written to the
+        metrics at ``step`` (with ``extra``); empty when the run has no such split."""
+        if split not in self.eval_loaders:
+            return {}
+        mae = evaluate(self.parallel, state.eval_params, self.eval_loaders[split], self.dataset.target_std)
+        self.writer.write(step, **{f"{split}_mae": mae}, **extra)
+        return {f"{split}_mae": mae}
+
+
+def start_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+    """Checks before any work (the config, the distributed runtime, every process's agreement,
+    whether the workdir may resume under this config), then the config saved in the workdir."""
     validate_config(config)
     initialize_distributed(config)
     check_processes_agree(config.to_dict())
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     files.check_resumable(workdir, config.to_dict())
-    is_main = jax.process_index() == 0
-    if is_main:
+    if jax.process_index() == 0:
         files.save_json(workdir / files.CONFIG_FILE, config.to_dict())
+    return workdir
 
-    # data
-    dataset = dataset if dataset is not None else load_dataset(config)
-    if is_main:
-        files.save_json(workdir / files.NORMALISATION_FILE, dataset.normalisation.to_json())
-    train_loader, eval_loaders = build_loaders(config, dataset)
-    if is_main:  # what inference warns outside of
-        domain = TrainingDomain.of_molecules(dataset, train_loader.indices)
-        files.save_json(workdir / files.DOMAIN_FILE, domain.to_json())
 
-    # model, state and devices
-    model = build_model(config)
-    total_steps = total_training_steps(train_loader, config.num_epochs)
-    optimizer = make_optimizer(config, total_steps)
-    parallel = DataParallel(model, optimizer, config.num_devices)
-    first = pad_to_budget(dataset.batch_graphs(train_loader.plan(0)[0][0]), train_loader.budget)  # for shapes
+def initial_state(config, model, optimizer, dataset: QM9Dataset, loader: BatchLoader, parallel, checkpointer):
+    """``(state, position of the next batch)``: the newest checkpoint's, else a fresh state
+    initialised from ``config.seed`` (shapes from the first training batch), on the devices."""
+    first = pad_to_budget(dataset.batch_graphs(loader.plan(0)[0][0]), loader.budget)
     state = create_train_state(
         model,
         optimizer,
@@ -158,105 +173,159 @@ def train_and_evaluate(
         ema_decay=config.ema_decay,
     )
     state = parallel.put_replicated(state)
-    checkpointer = Checkpointer(workdir / files.CHECKPOINT_DIR, keep=config.keep_checkpoints)
-    start = Position(0, 0)
     restored = checkpointer.restore(state)
-    if restored is not None:
-        state, meta = restored
-        start = Position(meta["epoch"], meta["batch"])
-        logging.info("resuming at step %d (epoch %d, batch %d)", int(parallel.get(state.step)), *start)
-    step = int(parallel.get(state.step))
-    if is_main:
-        files.drop_metrics_after(workdir, step)
+    if restored is None:
+        return state, Position(0, 0)
+    state, meta = restored
+    start = Position(meta["epoch"], meta["batch"])
+    logging.info("resuming at step %d (epoch %d, batch %d)", int(parallel.get(state.step)), *start)
+    return state, start
+
+
+def log_start(run: Run, state, total_steps: int) -> None:
+    loaders, parallel = run.eval_loaders, run.parallel
     logging.info(
         "QM9 %s: %d train / %d val / %d test molecules, %d parameters, %d steps in %d epochs "
         "(epoch 0: %d steps) on %d device(s) in %d process(es), padding budget %s",
-        dataset.task,
-        len(train_loader.indices),
-        *(len(eval_loaders[n].indices) if n in eval_loaders else 0 for n in ("val", "test")),
+        run.dataset.task,
+        len(run.train_loader.indices),
+        *(len(loaders[n].indices) if n in loaders else 0 for n in ("val", "test")),
         sum(x.size for x in jax.tree.leaves(parallel.get(state.params))),
         total_steps,
-        config.num_epochs,
-        train_loader.num_batches(0),
+        run.config.num_epochs,
+        run.train_loader.num_batches(0),
         parallel.num_devices,
         jax.process_count(),
-        train_loader.budget,
+        run.train_loader.budget,
     )
 
-    std, results = dataset.target_std, {}
-    writer = files.MetricsWriter(workdir, enabled=is_main)
-    window = MetricsWindow(fetch=parallel.get)
 
-    def save(next_position: Position) -> None:
-        checkpointer.save(
-            step, state, {"epoch": next_position.epoch, "batch": next_position.batch, "seed": config.seed}
-        )
+def log_training(run: Run, bar: tqdm, window: MetricsWindow, step: int, position: Position, last_in_epoch: bool):
+    """At the logging cadence (and each epoch's end): the window's means to the metrics and the
+    progress bar."""
+    if not (step % run.config.log_every_steps == 0 or last_in_epoch):
+        return
+    m = window.flush(keep_newest=not last_in_epoch)
+    if m is None:
+        return
+    std, unit = run.dataset.target_std, run.dataset.unit
+    bar.set_postfix(
+        loss=f"{m['loss']:.4f}",
+        mae=f"{m['loss'] * std:.4g} {unit}",
+        mol_s=f"{m['molecules_per_s']:.1f}",
+        epoch=position.epoch + 1,
+    )
+    run.writer.write(
+        step,
+        train_loss=m["loss"],
+        train_mae=m["loss"] * std,
+        molecules_per_s=m["molecules_per_s"],
+        epoch=position.epoch,
+    )
 
-    def validate(**extra) -> None:
-        if "val" in eval_loaders:
-            results["val_mae"] = evaluate(parallel, state.eval_params, eval_loaders["val"], std)
-            writer.write(step, val_mae=results["val_mae"], **extra)
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (config.progress_bar and is_main), dynamic_ncols=True)
-    next_position = start
-    shapes = ShapeWatch("the train step")
+def validate(run: Run, step: int, state, position: Position, last_in_epoch: bool) -> dict[str, float]:
+    """Validation at its cadences (every ``eval_every_steps`` steps, every ``eval_every_epochs``
+    epochs): ``{"val_mae": ...}``, or empty when not due."""
+    config, results = run.config, {}
+    if config.eval_every_steps and step % config.eval_every_steps == 0:
+        results = run.evaluate("val", step, state)
+    epochs_done = position.epoch + 1
+    if last_in_epoch and epochs_done % config.eval_every_epochs == 0:
+        results = run.evaluate("val", step, state, epoch=epochs_done)
+        if run.is_main and results:
+            tqdm.write(f"epoch {epochs_done}: validation MAE {results['val_mae']:.5g} {run.dataset.unit}")
+    return results
+
+
+def train_steps(
+    run: Run, state, step: int, start: Position, total_steps: int, hooks: Sequence[Callable] = ()
+) -> tuple[Any, int, dict[str, float], bool]:
+    """Train from ``start`` to the end of the last epoch, or to ``max_steps``, logging,
+    validating and checkpointing at their cadences; a signal (Ctrl-C, SIGTERM) saves the last
+    finished step and raises ``KeyboardInterrupt``. Returns ``(state, step, latest validation,
+    whether every epoch is done)``."""
+    config, results = run.config, {}
+    if config.max_steps and step >= config.max_steps:
+        logging.info("step %d already reaches max_steps=%d", step, config.max_steps)
+        return state, step, results, False
+    window, shapes = MetricsWindow(fetch=run.parallel.get), ShapeWatch("the train step")
+    bar = tqdm(total=total_steps, initial=step, disable=not (config.progress_bar and run.is_main), dynamic_ncols=True)
+    batches = training_batches(run.train_loader, start, config.num_epochs, run.parallel.put_batch)
     try:
         with StopSignals() as signals:
-            for position, batch, last_in_epoch in training_batches(
-                train_loader, start, config.num_epochs, parallel.put_batch
-            ):
+            for position, batch, last_in_epoch in batches:
                 shapes.check(batch)
-                state, metrics = parallel.train_step(state, batch)
+                state, metrics = run.parallel.train_step(state, batch)
                 step += 1
-                next_position = canonical(Position(position.epoch, position.batch + 1), train_loader.num_batches)
                 window.add(metrics)
                 bar.update(1)
                 for hook in hooks:
                     hook(step, state, position)
-                m = (
-                    window.flush(keep_newest=not last_in_epoch)
-                    if (step % config.log_every_steps == 0 or last_in_epoch)
-                    else None
-                )
-                if m is not None:
-                    bar.set_postfix(
-                        loss=f"{m['loss']:.4f}",
-                        mae=f"{m['loss'] * std:.4g} {dataset.unit}",
-                        mol_s=f"{m['molecules_per_s']:.1f}",
-                        epoch=position.epoch + 1,
-                    )
-                    writer.write(
-                        step,
-                        train_loss=m["loss"],
-                        train_mae=m["loss"] * std,
-                        molecules_per_s=m["molecules_per_s"],
-                        epoch=position.epoch,
-                    )
-                if config.eval_every_steps and step % config.eval_every_steps == 0:
-                    validate()
-                if last_in_epoch and (position.epoch + 1) % config.eval_every_epochs == 0:
-                    validate(epoch=position.epoch + 1)
-                    if is_main and "val_mae" in results:
-                        tqdm.write(
-                            f"epoch {position.epoch + 1}: validation MAE {results['val_mae']:.5g} {dataset.unit}"
-                        )
+                log_training(run, bar, window, step, position, last_in_epoch)
+                results.update(validate(run, step, state, position, last_in_epoch))
                 stop = bool(config.max_steps) and step >= config.max_steps
-                if step % config.checkpoint_every_steps == 0 or last_in_epoch or stop:
-                    save(next_position)
+                if step % config.checkpoint_every_steps == 0 or last_in_epoch or stop or signals.requested:
+                    next_position = Position(position.epoch, position.batch + 1)
+                    run.save(step, state, canonical(next_position, run.train_loader.num_batches))
                 if stop:
                     logging.info("stopping at max_steps=%d", config.max_steps)
-                    return {"step": step, **results}
-                if signals.requested:  # Ctrl-C or SIGTERM: save where we stand, then stop
-                    save(next_position)
+                    return state, step, results, False
+                if signals.requested:  # Ctrl-C or SIGTERM: saved where we stand, now stop
                     logging.warning("interrupted: checkpoint saved at step %d", step)
                     raise KeyboardInterrupt
-            if "test" in eval_loaders:
-                results["test_mae"] = evaluate(parallel, state.eval_params, eval_loaders["test"], std)
-                writer.write(step, test_mae=results["test_mae"])
-                if is_main:
-                    tqdm.write(f"test MAE {results['test_mae']:.5g} {dataset.unit}")
-            return {"step": step, **results}
     finally:
         bar.close()
+    return state, step, results, True
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    dataset: QM9Dataset | None = None,
+    hooks: Sequence[Callable] = (),
+) -> dict:
+    """Train on the QM9 train split, evaluate on validation during training and on test at the
+    end. Restarting with the same ``workdir`` resumes from the last checkpoint at the exact
+    batch it stopped at; restarting a finished run reports its stored results (nothing is
+    trained or evaluated again). ``dataset``: a loaded dataset (default: the one the config
+    names). ``hooks``: callables ``hook(step, state, position)`` run after every step
+    (``position``: the batch just trained). Returns the final metrics (MAE in the target's
+    unit) and the step."""
+    workdir = start_run(config, workdir)
+    finished = files.finished_results(workdir, config.to_dict())
+    if finished is not None:
+        logging.info("%s holds a finished run; its results (not evaluated again): %s", workdir, finished)
+        return finished
+    is_main = jax.process_index() == 0
+    dataset = dataset if dataset is not None else load_dataset(config)
+    if is_main:
+        files.save_json(workdir / files.NORMALISATION_FILE, dataset.normalisation.to_json())
+    train_loader, eval_loaders = build_loaders(config, dataset)
+    if is_main:  # what inference warns outside of
+        domain = TrainingDomain.of_molecules(dataset, train_loader.indices)
+        files.save_json(workdir / files.DOMAIN_FILE, domain.to_json())
+    model, total_steps = build_model(config), total_training_steps(train_loader, config.num_epochs)
+    optimizer = make_optimizer(config, total_steps)
+    parallel = DataParallel(model, config.num_devices)
+    checkpointer = Checkpointer(workdir / files.CHECKPOINT_DIR, keep=config.keep_checkpoints)
+    writer = files.MetricsWriter(workdir, enabled=is_main)  # opens its files at the first row
+    run = Run(config, dataset, train_loader, eval_loaders, parallel, checkpointer, writer, is_main)
+    try:
+        state, start = initial_state(config, model, optimizer, dataset, train_loader, parallel, checkpointer)
+        step = int(parallel.get(state.step))
+        if is_main:
+            files.drop_metrics_after(workdir, step)
+        log_start(run, state, total_steps)
+        state, step, results, all_epochs_done = train_steps(run, state, step, start, total_steps, hooks)
+        if not all_epochs_done:
+            return {"step": step, **results}
+        results = {"step": step, **results, **run.evaluate("test", step, state)}
+        if is_main:
+            if "test_mae" in results:
+                tqdm.write(f"test MAE {results['test_mae']:.5g} {dataset.unit}")
+            files.save_results(workdir, results, config.to_dict())
+        return results
+    finally:
         writer.close()
         checkpointer.close()
