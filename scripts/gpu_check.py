@@ -33,6 +33,11 @@ from se3jax.execution import Execution  # noqa: E402
 
 TRAIN_SMALL, TRAIN_LARGE, INFER = 240, 1000, 1600
 TINY_BATCHES = {TRAIN_SMALL: 8, TRAIN_LARGE: 16, INFER: 24}
+KERNEL_ROWS = tuple(
+    [("train", TRAIN_SMALL, p) for p in ("bf16", "tf32", "fp32")]
+    + [("train", TRAIN_LARGE, p) for p in ("bf16", "tf32")]
+    + [("infer", INFER, p) for p in ("bf16", "tf32", "fp32")]
+)
 
 
 def settings(tiny: bool) -> list[tuple[str, Setting, dict]]:
@@ -64,10 +69,13 @@ def settings(tiny: bool) -> list[tuple[str, Setting, dict]]:
         row("infer", INFER, precision="bf16", radial_memory_mb=1024),
         row("train", TRAIN_LARGE, precision="bf16", remat="off"),
         row("train", TRAIN_SMALL, precision="tf32", fuse_level="none"),
-        row("train", TRAIN_SMALL, precision="bf16", kernel="pallas"),
-        row("infer", INFER, precision="bf16", kernel="pallas"),
     ]
     rows += [("rejected", s, {}) for s in rejected]
+    # the fused Pallas kernel next to XLA's einsums at the GPU plan's fusion level, in pairs (a
+    # budget cut keeps whole pairs): --only "partial_out xla" "partial_out pallas" runs exactly these
+    for mode, batch, precision in KERNEL_ROWS:
+        for kernel in ("xla", "pallas"):
+            rows.append(("kernel", row(mode, batch, precision=precision, fuse_level="partial_out", kernel=kernel), {}))
     # fp16 vs bf16: is it the loss-scale bookkeeping?
     rows.append(("fp16", dataclasses.replace(row("train", TRAIN_SMALL, precision="fp16"), loss_scaling=False), {}))
     return rows

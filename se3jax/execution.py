@@ -47,51 +47,78 @@ class FuseLevel(enum.StrEnum):
     AUTO = "auto"
 
 
+def _option(default, doc: str, choices: tuple | None = None, config: bool = True):
+    """A field of :class:`Execution` with its documentation and valid values: the one definition
+    that the class docstring, the training config's keys and defaults (``--config.<name>`` on
+    the command line) and the validation read."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices, "config": config})
+
+
 @dataclasses.dataclass(frozen=True)
 class Execution:
     """Execution options of a model. Hashable (a Flax module attribute); every field has the
-    same default wherever an Execution is made.
+    same default wherever an Execution is made. The training config takes its execution keys,
+    defaults and help from these fields (:func:`se3jax.training.config.default_config`).
 
-    - ``fuse_level``: ``none | partial_out | partial_in | full | auto``.
-    - ``precision``: ``fp32`` (float32 contractions on every backend), ``tf32`` (float32
-      storage, the GPU's TensorFloat-32 matmul mode), ``bf16``, ``fp16`` or ``fp64`` (tests).
-    - ``edge_chunk``: edges per chunk; 0 = chosen per backend (:func:`edge_chunk_rows`).
-    - ``radial_memory_mb``: on accelerators, the most memory one layer's per-edge radial
-      weights may take before edges are chunked; 0 = a share of the device's memory
-      (``CHUNK_MEMORY_FRACTION``).
-    - ``low_memory``: also rematerialise each attention block, always recompute the radial
-      weights, and halve the chunk budget.
-    - ``remat``: ``on`` recomputes the per-edge radial weights in the backward pass instead of
-      storing them (they are the largest tensor of the model), ``off`` stores them, ``auto``
-      decides per backend and size (:func:`remat_radial`).
-    - ``paired_edges``: edges ``2k, 2k+1`` are the two directions of one bond (what the
-      se3jax graph builders emit); the radial weights are then computed once per bond.
-    - ``kernel``: how a fusion group contracts its per-edge radial weights: ``xla`` (einsums),
-      ``pallas`` (se3jax.layers.fused_kernel: the weights never leave the chip) or ``auto``
-      (:func:`resolve_kernel`).
-    - ``mode``: ``train`` or ``infer``: which measured preference ``auto`` follows.
+    Options (generated from the fields' documentation):
     """
 
-    fuse_level: str = "auto"
-    precision: str = "fp32"
-    edge_chunk: int = 0
-    radial_memory_mb: int = 0
-    low_memory: bool = False
-    remat: str = "auto"
-    paired_edges: bool = True
-    kernel: str = "auto"
-    mode: str = "train"
+    fuse_level: str = _option(
+        "auto",
+        "how a convolution groups its (d_in, d_out) paths into fused contractions; ``auto`` "
+        "follows the measured preference of the backend and mode (:func:`resolve_fuse_level`).",
+        tuple(level.value for level in FuseLevel),
+    )
+    precision: str = _option(
+        "fp32",
+        "``fp32`` (float32 contractions on every backend), ``tf32`` (float32 storage, the GPU's "
+        "TensorFloat-32 matmul mode), ``bf16``, ``fp16`` (training with dynamic loss scaling) or "
+        "``fp64`` (tests; not for training).",
+        POLICIES,
+    )
+    edge_chunk: int = _option(0, "edges per chunk; 0 = chosen per backend (:func:`edge_chunk_rows`).")
+    radial_memory_mb: int = _option(
+        0,
+        "on accelerators, the most memory (MB) one layer's per-edge radial weights may take before "
+        "edges are chunked; 0 = the share of the device's memory that ``se3jax.execution.CHUNK_MEMORY_FRACTION`` "
+        "gives the mode.",
+    )
+    low_memory: bool = _option(
+        False,
+        "also rematerialise each attention block, always recompute the radial weights, and halve the chunk budget.",
+    )
+    remat: str = _option(
+        "auto",
+        "``on`` recomputes the per-edge radial weights in the backward pass instead of storing them "
+        "(they are the largest tensor of the model), ``off`` stores them, ``auto`` decides per "
+        "backend and size (:func:`remat_radial`).",
+        REMAT_CHOICES,
+    )
+    paired_edges: bool = _option(
+        True,
+        "edges ``2k, 2k+1`` are the two directions of one bond (what the se3jax graph builders "
+        "emit); the radial weights are then computed once per bond.",
+    )
+    kernel: str = _option(
+        "auto",
+        "how a fusion group contracts its per-edge radial weights: ``xla`` (einsums), ``pallas`` "
+        "(se3jax.layers.fused_kernel: the weights never leave the chip) or ``auto`` "
+        "(:func:`resolve_kernel`).",
+        KERNELS,
+    )
+    mode: str = _option(
+        "train",
+        "``train`` or ``infer``: which measured preference ``auto`` follows (set by the training "
+        "and inference code, not a config key).",
+        MODES,
+        config=False,
+    )
 
     def __post_init__(self):
-        FuseLevel(self.fuse_level)  # raises on an unknown level
-        if self.precision not in POLICIES:
-            raise ValueError(f"unknown precision {self.precision!r}; choose one of {POLICIES}")
-        if self.remat not in REMAT_CHOICES:
-            raise ValueError(f"unknown remat {self.remat!r}; choose one of {REMAT_CHOICES}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {self.kernel!r}; choose one of {KERNELS}")
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}")
+        for field in dataclasses.fields(self):
+            choices = field.metadata["choices"]
+            if choices is not None and getattr(self, field.name) not in choices:
+                raise ValueError(f"unknown {field.name} {getattr(self, field.name)!r}; choose one of {choices}")
         if self.edge_chunk < 0 or self.radial_memory_mb < 0:
             raise ValueError(f"need edge_chunk >= 0 and radial_memory_mb >= 0: {self}")
         # a FuseLevel member and its string must give the same (hashable) Execution
@@ -103,6 +130,11 @@ class Execution:
 
     def replace(self, **changes) -> Execution:
         return dataclasses.replace(self, **changes)
+
+
+Execution.__doc__ += "".join(
+    f"\n    - ``{f.name}`` (default ``{f.default!r}``): {f.metadata['doc']}" for f in dataclasses.fields(Execution)
+)
 
 
 def allowed_levels(fiber_in: Fiber, fiber_out: Fiber) -> tuple[FuseLevel, ...]:
@@ -139,8 +171,12 @@ _WIDEST_FIRST = (FuseLevel.FULL, FuseLevel.PARTIAL_OUT, FuseLevel.PARTIAL_IN, Fu
 
 
 def resolve_kernel(execution: Execution) -> str:
-    """``auto`` -> ``xla``: the Pallas kernel runs where a setting asks for it, until a GPU
-    measurement (``scripts/gpu_check.py``) shows it faster than XLA's einsums."""
+    """``auto`` -> ``xla`` on every backend: the Pallas kernel runs where a setting asks for
+    it, until a GPU measurement (``scripts/gpu_check.py --only "partial_out xla" "partial_out
+    pallas"``: the kernel next to XLA at batch 240/1000/1600, bf16/tf32/fp32) shows it faster
+    for a backend and fusion group; that choice is then made here, next to its figures. Not
+    measured yet: ``scripts/check_kernel.py`` only proves it compiles for sm_90 within the
+    register and shared-memory limits."""
     return "xla" if execution.kernel == "auto" else execution.kernel
 
 

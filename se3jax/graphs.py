@@ -72,6 +72,22 @@ class PaddingBudget:
         return n_node < self.n_node and n_edge <= self.n_edge and n_graph < self.n_graph
 
 
+def graphs_tuple(
+    positions, node_features, edge_features, senders, receivers, n_node, n_edge, globals_: dict | None = None
+) -> jraph.GraphsTuple:
+    """The GraphsTuple of these arrays in se3jax's layout (the dict keys above): the one place
+    the layout is spelled. Arrays are taken as they are (numpy or traced)."""
+    return jraph.GraphsTuple(
+        nodes={POSITIONS: positions, FEATURES: node_features},
+        edges={FEATURES: edge_features},
+        senders=senders,
+        receivers=receivers,
+        n_node=n_node,
+        n_edge=n_edge,
+        globals=globals_,
+    )
+
+
 def molecule_graph(
     positions, node_features, senders, receivers, edge_features, globals_: dict | None = None
 ) -> jraph.GraphsTuple:
@@ -83,14 +99,15 @@ def molecule_graph(
     edge_features = np.asarray(edge_features, np.float32)
     if edge_features.ndim != 2 or edge_features.shape[0] != len(senders):
         raise ValueError(f"edge features must be [E={len(senders)}, F], got {edge_features.shape}")
-    return jraph.GraphsTuple(
-        nodes={POSITIONS: positions, FEATURES: node_features},
-        edges={FEATURES: edge_features},
-        senders=senders,
-        receivers=receivers,
+    return graphs_tuple(
+        positions,
+        node_features,
+        edge_features,
+        senders,
+        receivers,
         n_node=np.array([len(positions)], np.int32),
         n_edge=np.array([len(senders)], np.int32),
-        globals=None if globals_ is None else {k: np.asarray(v)[None] for k, v in globals_.items()},
+        globals_=None if globals_ is None else {k: np.asarray(v)[None] for k, v in globals_.items()},
     )
 
 
@@ -216,6 +233,41 @@ def validate_graphs(graphs, node_features_dim: int, edge_features_dim: int, pair
         check_values(graphs, paired_edges)
 
 
+def check_paired_edges(graphs: jraph.GraphsTuple) -> None:
+    """Raise a ``ValueError`` naming the first pair of edges ``2k, 2k+1`` that is not one bond's
+    two directions with equal features (host arrays). A compiled model cannot raise: with
+    unpaired edges it would output NaN, so every host entry point (the batch loader, the
+    predictor) calls this first.
+
+    >>> g = molecule_graph(np.eye(3), np.ones((3, 6)), [0, 1, 1, 2], [1, 0, 2, 1], np.ones((4, 4)))
+    >>> check_paired_edges(g)  # 0->1, 1->0, 1->2, 2->1: paired
+    >>> check_paired_edges(g._replace(receivers=np.array([1, 0, 2, 0])))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: the model expects paired edges (...), but edges 2 and 3 are 1->2 and 2->0; build...
+    """
+    senders, receivers = np.asarray(graphs.senders), np.asarray(graphs.receivers)
+    features = np.asarray(graphs.edges[FEATURES])
+    hint = "build graphs with se3jax.data.molecule_to_graph or run the model with Execution(paired_edges=False)"
+    prefix = (
+        "the model expects paired edges (edges 2k and 2k+1 are the two directions of one bond, with equal features)"
+    )
+    if len(senders) % 2:
+        raise ValueError(f"{prefix}, but there is an odd number of edges ({len(senders)}); {hint}")
+    broken = (
+        (senders[0::2] != receivers[1::2])
+        | (receivers[0::2] != senders[1::2])
+        | np.any(features[0::2] != features[1::2], axis=tuple(range(1, features.ndim)))
+    )
+    if broken.any():
+        a = 2 * int(np.argmax(broken))
+        raise ValueError(
+            f"{prefix}, but edges {a} and {a + 1} are {senders[a]}->{receivers[a]} and "
+            f"{senders[a + 1]}->{receivers[a + 1]}"
+            + ("" if features[a].tolist() == features[a + 1].tolist() else " with different features")
+            + f"; {hint}"
+        )
+
+
 def check_values(graphs: jraph.GraphsTuple, paired_edges: bool = True) -> None:
     """The value checks of :func:`validate_graphs`, in numpy on the host: finite positions and
     features, consistent counts, edge indices in range, and (if asked) paired edges. Under
@@ -240,20 +292,7 @@ def check_values(graphs: jraph.GraphsTuple, paired_edges: bool = True) -> None:
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise ValueError(f"{name} index out of range [0, {n}): min {idx.min()}, max {idx.max()}")
     if paired_edges:
-        features = np.asarray(graphs.edges[FEATURES])
-        paired = (
-            e % 2 == 0
-            and np.array_equal(senders[0::2], receivers[1::2])
-            and np.array_equal(receivers[0::2], senders[1::2])
-            and np.array_equal(features[0::2], features[1::2])
-        )
-        if not paired:
-            raise ValueError(
-                "the model expects paired edges (edges 2k and 2k+1 are the two directions "
-                "of one bond, with equal features), but these graphs are not paired; build "
-                "them with se3jax.data.molecule_to_graph or run the model with "
-                "Execution(paired_edges=False)"
-            )
+        check_paired_edges(graphs)
     real_edges = np.asarray(padding_masks(graphs).edges)
     lengths = np.linalg.norm(pos[receivers] - pos[senders], axis=-1)
     short = np.flatnonzero(real_edges & (lengths < MIN_EDGE_LENGTH))

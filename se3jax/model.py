@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -105,15 +107,14 @@ class SE3TransformerPooled(nn.Module):
     execution: Execution = Execution()
 
     def trunk(self) -> SE3Transformer:
+        """The trunk with this model's fibers; every setting the two classes share (layers,
+        heads, channels_div, self-interaction, execution) is passed on by name."""
+        shared = {name: getattr(self, name) for name in _TRUNK_SETTINGS if name in _POOLED_FIELDS}
         return SE3Transformer(
             fiber_in=Fiber({0: self.node_features_dim}),
             fiber_hidden=Fiber.create(self.num_degrees, self.num_channels),
             fiber_out=Fiber({0: self.num_degrees * self.num_channels}),
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            channels_div=self.channels_div,
-            self_interaction=self.self_interaction,
-            execution=self.execution,
+            **shared,
             name="trunk",
         )
 
@@ -138,6 +139,18 @@ class SE3TransformerPooled(nn.Module):
         precision = get_policy(self.execution.precision).dot_precision
         h = nn.relu(torch_dense(self.mlp_dim, pooled.shape[-1], precision, name="mlp_hidden")(pooled))
         out = torch_dense(1, self.mlp_dim, precision, name="mlp_out")(h)[:, 0]
-        if paired:  # loud, never silently wrong, when traced with unpaired edges
+        # The host entry points (batch loader, predictor) refuse unpaired edges with a clear
+        # error (graphs.check_paired_edges); a user's own jit gets NaN, never wrong numbers.
+        if paired:
             out = jnp.where(edges_are_paired(graphs), out, jnp.nan)
         return out
+
+
+# The trunk's settings (its dataclass fields less the fibers and Flax's own); the pooled model
+# forwards those it shares.
+_TRUNK_SETTINGS = tuple(
+    f.name
+    for f in dataclasses.fields(SE3Transformer)
+    if f.name not in ("fiber_in", "fiber_hidden", "fiber_out", "parent", "name")
+)
+_POOLED_FIELDS = frozenset(f.name for f in dataclasses.fields(SE3TransformerPooled))

@@ -3,7 +3,8 @@
     python train/main.py --config configs/qm9.py --workdir runs/homo
     python train/main.py --config configs/qm9.py --config.num_epochs=1 --config.max_train_molecules=2000
 
-Restarting with the same --workdir resumes from its last checkpoint.
+Restarting with the same --workdir resumes from its last checkpoint; restarting a finished run
+reports its stored results.
 """
 
 import logging as std_logging
@@ -15,7 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from se3jax.training.config import config_help  # noqa: E402
 from se3jax.training.train import train_and_evaluate  # noqa: E402
+
+__doc__ += "\n" + config_help()  # --help lists the execution options from their one definition
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/qm9.py", "Training configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/qm9", "Where checkpoints, metrics and the resolved config go.")

@@ -2,16 +2,31 @@
 
 Every config file in ``configs/`` starts from :func:`default_config`; :func:`validate_config`
 rejects unknown keys (with the closest valid name) and bad values before any work starts.
+
+The model and execution keys are not spelled here: they are the fields of
+:class:`~se3jax.model.SE3TransformerPooled` named in :data:`MODEL_KEYS` and every field of
+:class:`~se3jax.execution.Execution` (its documentation is their help, :func:`config_help`),
+with the defaults those classes give them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib.util
+from pathlib import Path
 
 import ml_collections
 
-from se3jax.execution import KERNELS, REMAT_CHOICES, Execution, FuseLevel
+from se3jax.data.qm9 import TARGET_POOLING, TARGETS
+from se3jax.execution import Execution
+from se3jax.model import SE3TransformerPooled
 from se3jax.precision import TRAINING_POLICIES
+
+# SE3TransformerPooled's settings a config chooses (the feature sizes come from the data).
+MODEL_KEYS = ("num_layers", "num_degrees", "num_channels", "num_heads", "channels_div", "pooling", "self_interaction")
+# Execution's fields a config chooses (``mode`` is set by the code: training or inference).
+EXECUTION_FIELDS = tuple(f for f in dataclasses.fields(Execution) if f.metadata["config"])
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -23,24 +38,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.max_train_molecules = 0  # >0: train on the first K molecules of the train split
     c.max_eval_molecules = 0  # >0: evaluate on the first K molecules of val and test
     c.precompute_bases = False  # keep per-edge spherical harmonics in host RAM (49 floats/edge)
-    # model (docs/design.md, section 1)
-    c.num_layers = 7
-    c.num_degrees = 4
-    c.num_channels = 32
-    c.num_heads = 8
-    c.channels_div = 2
-    c.pooling = "auto"  # auto (per target: se3jax.data.qm9.TARGET_POOLING) | max | mean | sum | softmax
-    c.self_interaction = "per_edge"  # output conv: per_edge (the reference's) | per_node
-    # execution (se3jax.execution.Execution: speed and memory only, never the parameters)
-    c.fuse_level = "auto"  # none | partial_out | partial_in | full | auto
-    c.precision = "fp32"  # fp32 | tf32 | bf16 | fp16 (dynamic loss scaling)
-    c.low_memory = False
-    c.edge_chunk = 0  # 0 = chosen per backend (CPU cache size / GPU memory cap)
-    c.radial_memory_mb = 0  # accelerators: chunk edges when a layer's radial weights exceed
-    # this; 0 = 1,024 MB training / 4,096 MB inference
-    c.remat = "auto"  # on | off | auto: recompute the radial weights in the backward pass
-    c.paired_edges = True  # QM9 graphs list each bond's two directions adjacently
-    c.kernel = "auto"  # auto | xla | pallas: radial weights fused into the contraction (Pallas)
+    # model (docs/design.md, section 1): SE3TransformerPooled's defaults
+    model_fields = {f.name: f for f in dataclasses.fields(SE3TransformerPooled)}
+    for key in MODEL_KEYS:
+        c[key] = model_fields[key].default
+    c.pooling = "auto"  # per target (se3jax.data.qm9.TARGET_POOLING) | max | mean | sum | softmax
+    # execution (speed and memory only, never the parameters): every Execution field
+    for field in EXECUTION_FIELDS:
+        c[field.name] = field.default
     # optimisation (docs/design.md, section 4)
     c.batch_size = 240  # molecules per device and step
     c.num_epochs = 100
@@ -72,10 +77,8 @@ def default_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "pooling": ("auto", "max", "mean", "sum", "softmax"),
     "self_interaction": ("per_edge", "per_node"),
-    "fuse_level": tuple(level.value for level in FuseLevel),
-    "precision": TRAINING_POLICIES,
-    "remat": REMAT_CHOICES,
-    "kernel": KERNELS,
+    **{f.name: f.metadata["choices"] for f in EXECUTION_FIELDS if f.metadata["choices"] is not None},
+    "precision": TRAINING_POLICIES,  # fp64 is for tests, not training
     "parallel": ("pmap", "shard_map"),
 }
 _POSITIVE = (
@@ -99,16 +102,12 @@ _NON_NEGATIVE = (
     "max_steps",
     "num_devices",
     "eval_every_steps",
-    "edge_chunk",
-    "radial_memory_mb",
     "num_processes",
 )
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ``ValueError`` naming the first problem: unknown key, bad choice or range."""
-    from se3jax.data.qm9 import TARGETS  # data imports RDKit: only when validating
-
     known = default_config()
     for key in config.keys():
         if key not in known:
@@ -138,13 +137,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("need 0 <= warmup_epochs < num_epochs and 0 <= ema_decay < 1")
     if not 0 < config.final_learning_rate_factor <= 1 or config.learning_rate <= 0:
         raise ValueError("need learning_rate > 0 and 0 < final_learning_rate_factor <= 1")
+    execution_from_config(config)  # Execution's own checks (e.g. edge_chunk >= 0)
 
 
 def load_config_file(path) -> ml_collections.ConfigDict:
     """``get_config()`` of a config file such as ``configs/qm9.py`` (outside absl flags)."""
-    import importlib.util
-    from pathlib import Path
-
     path = Path(path)
     spec = importlib.util.spec_from_file_location(f"se3jax_config_{path.stem}", path)
     if spec is None or not path.exists():
@@ -156,41 +153,26 @@ def load_config_file(path) -> ml_collections.ConfigDict:
 
 def execution_from_config(config: ml_collections.ConfigDict, mode: str = "train") -> Execution:
     """The model's :class:`~se3jax.execution.Execution` from a config's execution fields."""
-    defaults = default_config()
-    get = lambda key: config.get(key, defaults[key])  # configs saved before a field existed
-    return Execution(
-        fuse_level=get("fuse_level"),
-        precision=get("precision"),
-        edge_chunk=get("edge_chunk"),
-        radial_memory_mb=get("radial_memory_mb"),
-        low_memory=get("low_memory"),
-        remat=get("remat"),
-        paired_edges=get("paired_edges"),
-        kernel=get("kernel"),
-        mode=mode,
-    )
+    # configs saved before a field existed take its default
+    return Execution(**{f.name: config.get(f.name, f.default) for f in EXECUTION_FIELDS}, mode=mode)
 
 
 def resolve_pooling(config: ml_collections.ConfigDict) -> str:
     """``auto`` -> the task's pooling (sum for extensive targets, max for the others)."""
     pooling = config.get("pooling", "max")
-    if pooling != "auto":
-        return pooling
-    from se3jax.data.qm9 import TARGET_POOLING
-
-    return TARGET_POOLING[config.task]
+    return TARGET_POOLING[config.task] if pooling == "auto" else pooling
 
 
 def model_kwargs(config: ml_collections.ConfigDict, mode: str = "train") -> dict:
     """Keyword arguments of SE3TransformerPooled from a config (shared by training and
     inference, so a saved config rebuilds exactly the trained model)."""
-    return dict(
-        num_layers=config.num_layers,
-        num_degrees=config.num_degrees,
-        num_channels=config.num_channels,
-        num_heads=config.num_heads,
-        channels_div=config.channels_div,
-        pooling=resolve_pooling(config),
-        self_interaction=config.get("self_interaction", "per_edge"),
-        execution=execution_from_config(config, mode),
-    )
+    defaults = default_config()  # configs saved before a key existed take its default
+    kwargs = {key: config.get(key, defaults[key]) for key in MODEL_KEYS}
+    return {**kwargs, "pooling": resolve_pooling(config), "execution": execution_from_config(config, mode)}
+
+
+def config_help() -> str:
+    """The execution keys with their defaults and meaning, from :class:`Execution`'s fields (the
+    training script's ``--help``)."""
+    lines = [f"  --config.{f.name}={f.default!r}: {f.metadata['doc']}" for f in EXECUTION_FIELDS]
+    return "Execution options (speed and memory only, never the parameters):\n" + "\n".join(lines) + "\n"
