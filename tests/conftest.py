@@ -1,11 +1,26 @@
 """Shared fixtures: float64 mode, NaN debugging, small padded molecule batches, a QM9 subset.
 
 Two simulated CPU devices (set before JAX starts) let the data-parallel tests run anywhere.
+
+Speed (the suite runs on 2 cores): the expensive session fixtures (QM9 subsets, trained
+workdirs) are built once per run and shared by the xdist workers (:func:`built_once`, a file
+lock), and one persistent JAX compilation cache serves the whole run -- the workers, and the
+training and multi-host subprocesses the tests start (they inherit its environment variable):
+a program compiled once (the same model in several tests or processes) is loaded, not compiled
+again. The cache folder is new for every run and removed at its end.
 """
 
+import fcntl
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process of the run makes it
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="se3jax-tests-jax-cache-")
+    os.environ["SE3JAX_TESTS_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import numpy as np
@@ -13,6 +28,30 @@ import pytest
 
 from se3jax.graphs import PaddingBudget
 from se3jax.testing import synthetic_batch
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("SE3JAX_TESTS_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that ``build(folder)`` fills once per test run. Under xdist the workers share
+    it: the first one builds it while holding a file lock, the others wait, then reuse it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, above each worker's
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half way
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
 
 
 def _jax_flag_on(name):
@@ -35,6 +74,21 @@ def debug_nans():
     yield from _jax_flag_on("jax_debug_nans")
 
 
+# Relative tolerance of float32 results under a precision policy, per backend. fp32 (every
+# contraction at Precision.HIGHEST): float32 rounding. tf32: the same on a CPU (no TensorFloat-32
+# there); on a GPU 10-bit mantissa operands, README "Precision policies": invariance errors
+# 4.5e-3 (H200) / 5.6e-3 (H100). bf16 / fp16 (8 / 11 mantissa bits): 2.6e-2 / 3.7e-3 on a CPU.
+_RTOL = {"cpu": {"fp32": 1e-5, "tf32": 1e-5, "bf16": 5e-2, "fp16": 1e-2}}
+_RTOL["gpu"] = {**_RTOL["cpu"], "tf32": 2e-2}
+
+
+@pytest.fixture(scope="session")
+def precision_rtol():
+    """``precision_rtol(policy)``: the relative tolerance of that policy's results on this
+    backend (values; gradients get 10x)."""
+    return _RTOL["cpu" if jax.default_backend() == "cpu" else "gpu"].__getitem__
+
+
 @pytest.fixture
 def small_batch():
     """Three small molecules padded with room to spare (padding nodes, edges and graphs)."""
@@ -52,24 +106,20 @@ def rotations():
 
 @pytest.fixture(scope="session")
 def qm9_subset_cache(tmp_path_factory):
-    """A cache folder holding the first 400 QM9 molecules, processed once per session (the
-    tiny training config reads exactly this subset)."""
+    """A cache folder holding the first 400 QM9 molecules, processed once per run (the tiny
+    training config reads exactly this subset)."""
     from se3jax.data.qm9 import load_qm9
 
-    cache = tmp_path_factory.mktemp("qm9_subset")
-    load_qm9(cache, max_molecules=400, num_workers=1)
-    return cache
+    return built_once(tmp_path_factory, "qm9_subset", lambda cache: load_qm9(cache, max_molecules=400, num_workers=1))
 
 
 @pytest.fixture(scope="session")
 def qm9_1000_cache(tmp_path_factory):
-    """A cache folder holding the first 1,000 QM9 molecules, processed once per session in
-    worker processes (the data and loader tests' subset)."""
+    """A cache folder holding the first 1,000 QM9 molecules, processed once per run in worker
+    processes (the data and loader tests' subset)."""
     from se3jax.data.qm9 import load_qm9
 
-    cache = tmp_path_factory.mktemp("qm9_1000")
-    load_qm9(cache, max_molecules=1000)
-    return cache
+    return built_once(tmp_path_factory, "qm9_1000", lambda cache: load_qm9(cache, max_molecules=1000))
 
 
 @pytest.fixture(scope="session")
@@ -79,35 +129,34 @@ def qm9_subset(qm9_subset_cache):
     return load_qm9(qm9_subset_cache, max_molecules=400, num_workers=1)
 
 
-@pytest.fixture(scope="session")
-def trained_workdir(tmp_path_factory, qm9_subset_cache):
-    """A training workdir of the tiny config, trained for 3 steps on the QM9 subset."""
-    from pathlib import Path
-
+def tiny_config(cache_dir, **overrides):
+    """configs/test.py reading the QM9 subset at ``cache_dir``, with ``overrides``."""
     from se3jax.training.config import load_config_file
-    from se3jax.training.train import train_and_evaluate
 
     config = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "test.py")
-    config.cache_dir = str(qm9_subset_cache)
-    config.max_train_molecules = 32
-    config.max_steps = 3
-    workdir = tmp_path_factory.mktemp("trained")
-    train_and_evaluate(config, workdir)
-    return workdir
+    config.cache_dir = str(cache_dir)
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, qm9_subset_cache):
+    """A training workdir of the tiny config, trained for 3 steps on the QM9 subset (read only:
+    the xdist workers share it)."""
+    from se3jax.training.train import train_and_evaluate
+
+    config = tiny_config(qm9_subset_cache, max_train_molecules=32, max_steps=3)
+    return built_once(tmp_path_factory, "trained", lambda workdir: train_and_evaluate(config, workdir))
 
 
 @pytest.fixture(scope="session")
 def trained_energy_workdir(tmp_path_factory, qm9_subset_cache):
-    """A workdir of the tiny config trained on U0 with sum pooling (an energy model), 3 steps."""
-    from pathlib import Path
-
-    from se3jax.training.config import load_config_file
+    """A workdir of the tiny config trained on U0 with sum pooling (an energy model), 3 steps
+    (read only: shared by the xdist workers)."""
     from se3jax.training.train import train_and_evaluate
 
-    config = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "test.py")
-    config.cache_dir = str(qm9_subset_cache)
-    config.task, config.pooling = "U0", "sum"
-    config.max_train_molecules, config.max_eval_molecules, config.max_steps = 32, 16, 3
-    workdir = tmp_path_factory.mktemp("trained_energy")
-    train_and_evaluate(config, workdir)
-    return workdir
+    config = tiny_config(
+        qm9_subset_cache, task="U0", pooling="sum", max_train_molecules=32, max_eval_molecules=16, max_steps=3
+    )
+    return built_once(tmp_path_factory, "trained_energy", lambda workdir: train_and_evaluate(config, workdir))
