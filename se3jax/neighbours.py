@@ -27,9 +27,9 @@ density 0.1 atoms/A^3, cutoff 5 A, ~52 neighbours per atom; see the README):
 >>> points = np.array([[0.2, 0.0, 0.0], [2.9, 0.0, 0.0]])  # 0.3 apart through the boundary
 >>> g = cell_list_radius_graph(points, cutoff=1.0, max_neighbours=4, cell=cell, pbc=True)
 >>> g.senders[g.mask].tolist(), g.receivers[g.mask].tolist(), g.shifts[g.mask].tolist()
-([0, 1], [1, 0], [[-1, 0, 0], [1, 0, 0]])
+([1, 0], [0, 1], [[1, 0, 0], [-1, 0, 0]])
 >>> h = host_radius_graph(points, cutoff=1.0, max_neighbours=4, cell=cell, pbc=True)
->>> h.senders[h.mask].tolist(), h.shifts[h.mask].tolist()
+>>> h.senders[h.mask].tolist(), h.shifts[h.mask].tolist()  # the same pair, the other way first
 ([0, 1], [[-1, 0, 0], [1, 0, 0]])
 """
 
@@ -68,9 +68,10 @@ def cell_heights(cell: jax.Array) -> jax.Array:
 
 def _concrete(cell) -> np.ndarray | None:
     """The cell as float64 numpy, or None if it is traced (inside ``jit``, ``grad``...)."""
-    if isinstance(cell, jax.core.Tracer):
+    try:
+        return np.asarray(cell, np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return None
-    return np.asarray(cell, np.float64)
 
 
 def _validated_cell(cell, pbc: tuple[bool, bool, bool], dtype):
