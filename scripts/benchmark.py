@@ -5,9 +5,13 @@ XLA's memory analysis and FLOP count, for every combination of the options given
     python scripts/benchmark.py --fuse-level none partial_out full --low-memory both
     python scripts/benchmark.py --precision fp32 bf16 --batch-size 240 --edge-chunk 0 512 1024
     python scripts/benchmark.py --loader                     # the QM9 input pipeline alone
+    python scripts/benchmark.py --mode infer --edge-chunk 0 256 1024 --rounds 3   # A/B/C/A/B/C...
 
 Batches are synthetic QM9-sized molecules (se3jax.benchmarking); throughput is the median over
-timed steps after warm-up; compile time is reported separately. ``--loader`` measures padded
+timed steps after warm-up; compile time is reported separately. ``--rounds N`` compiles every
+setting first, then times them round-robin N times (load from other processes then falls on
+all settings alike). Peak RSS is the process's high-water mark (compiles included): it belongs
+to one setting only when a run measures one setting. ``--loader`` measures padded
 batches per second from the cached QM9 dataset in this one process (no device work).
 """
 
@@ -25,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from se3jax.benchmarking import TABLE_HEADER, Setting, format_row, measure  # noqa: E402
+from se3jax.benchmarking import TABLE_HEADER, Setting, format_row, interleaved, measure, peak_rss_bytes  # noqa: E402
 from se3jax.execution import REMAT_CHOICES, Execution, FuseLevel  # noqa: E402
 from se3jax.precision import TRAINING_POLICIES  # noqa: E402
 
@@ -93,6 +97,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
+        "--rounds", type=int, default=0, help="time all settings round-robin this many times (--steps each)"
+    )
+    parser.add_argument(
         "--rotations", type=int, default=0, help="also measure the invariance error over this many random rotations"
     )
     parser.add_argument("--loader", action="store_true", help="measure the QM9 input pipeline instead")
@@ -111,7 +118,7 @@ def main(argv=None) -> int:
         on_off = {"off": [False], "on": [True], "both": [False, True]}
         print(f"backend={jax.default_backend()} devices={jax.devices()} jax={jax.__version__}", flush=True)
         print(TABLE_HEADER, flush=True)
-        results = []
+        settings = []
         for mode, batch, level, precision, chunk, cap, low, remat, edges in itertools.product(
             args.mode,
             args.batch_size,
@@ -132,16 +139,25 @@ def main(argv=None) -> int:
                 remat=remat,
                 paired_edges=edges == "paired",
             )
-            setting = Setting(
-                mode=mode,
-                batch_size=batch,
-                num_layers=args.num_layers,
-                execution=execution,
-                precompute_bases=args.precompute_bases,
+            settings.append(
+                Setting(
+                    mode=mode,
+                    batch_size=batch,
+                    num_layers=args.num_layers,
+                    execution=execution,
+                    precompute_bases=args.precompute_bases,
+                )
             )
-            r = measure(setting, args.steps, args.warmup, args.rotations)
-            results.append(r)
-            print(format_row(r), flush=True)
+        if args.rounds:
+            results = interleaved(settings, args.rounds, args.steps, args.warmup)
+            for r in results:
+                r["peak_rss_bytes"] = peak_rss_bytes()
+                print(format_row(r), flush=True)
+        else:
+            results = []
+            for setting in settings:
+                results.append(measure(setting, args.steps, args.warmup, args.rotations))
+                print(format_row(results[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import resource
 import statistics
+import sys
 import time
 
 import jax
@@ -138,19 +140,22 @@ def _initial_params(num_layers: int, num_channels: int, num_heads: int):
     return jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), example))
 
 
-def measure(
-    setting: Setting,
-    steps: int = 10,
-    warmup: int = 2,
-    rotations: int = 0,
-    seed: int = 0,
-    count_flops: bool = True,
-    profile_dir: str | None = None,
-) -> dict:
-    """Compile and time one setting. ``rotations > 0``: also the invariance error of the
-    predictions (max relative error over that many random rotations of the whole batch).
-    ``profile_dir``: also trace a few steps there and split their time by op class
-    (:mod:`se3jax.profiling`)."""
+@dataclasses.dataclass
+class Prepared:
+    """A compiled setting ready to time: ``run()`` executes one step (blocking)."""
+
+    setting: Setting
+    result: dict
+    run: callable
+    compiled: object
+    model: SE3TransformerPooled
+    host_batch: object
+    batch: object
+    holder: dict
+
+
+def prepare(setting: Setting, seed: int = 0, count_flops: bool = True) -> Prepared:
+    """Build the synthetic batch, initialise, compile (timed) and analyse one setting."""
     e = setting.execution.for_mode(setting.mode)
     rng = np.random.default_rng(seed)
     host_batch = synthetic_batch(rng, setting.batch_size)
@@ -177,19 +182,26 @@ def measure(
         "backend": jax.default_backend(),
         **resolved_plan(setting, int(host_batch.senders.shape[0])),
     }
-    optimizer = optax.adamw(2e-3, weight_decay=0.1)
     # parameters do not depend on the execution or the batch: initialise once per model size
-    params = _initial_params(setting.num_layers, setting.num_channels, setting.num_heads)
-    state = create_train_state(
-        model, optimizer, batch, jax.random.PRNGKey(0), loss_scaling=loss_scaling, params=jax.device_put(params)
-    )
+    params = jax.device_put(_initial_params(setting.num_layers, setting.num_channels, setting.num_heads))
+    if setting.mode == "train":
+        optimizer = optax.adamw(2e-3, weight_decay=0.1)
+        state = create_train_state(
+            model, optimizer, batch, jax.random.PRNGKey(0), loss_scaling=loss_scaling, params=params
+        )
+        holder = {"state": state}
 
-    def jitted(m):
-        if setting.mode == "train":
+        def jitted(m):
             return jax.jit(make_train_step(m), donate_argnums=0)
-        return jax.jit(m.apply)
 
-    args = (state, batch) if setting.mode == "train" else (state.params, batch)
+        args = (state, batch)
+    else:  # inference needs no optimizer state: only the parameters are kept on the device
+        holder = {"params": params}
+
+        def jitted(m):
+            return jax.jit(m.apply)
+
+        args = (params, batch)
     start = time.perf_counter()
     compiled = jitted(model).lower(*args).compile()
     result["compile_s"] = time.perf_counter() - start
@@ -197,49 +209,99 @@ def measure(
     if count_flops:
         # XLA counts a loop body once, so count FLOPs on the same step with edges unchunked
         result["flops"] = flop_count(jitted(model.clone(execution=e.replace(edge_chunk=1 << 30))), *args)
-
-    holder = {"state": state}
+    del args
 
     def run():
         if setting.mode == "train":
             holder["state"], metrics = compiled(holder["state"], batch)
             jax.block_until_ready(metrics)
         else:
-            jax.block_until_ready(compiled(state.params, batch))
+            jax.block_until_ready(compiled(holder["params"], batch))
 
-    times = time_steps(run, warmup, steps)
+    return Prepared(setting, result, run, compiled, model, host_batch, batch, holder)
+
+
+def summarise_times(result: dict, times: list[float]) -> dict:
     median = statistics.median(times)
-    result.update(step_s=median, step_s_min=min(times), step_s_max=max(times), molecules_per_s=num_molecules / median)
+    result.update(
+        step_s=median, step_s_min=min(times), step_s_max=max(times), molecules_per_s=result["molecules"] / median
+    )
     if np.isfinite(result.get("flops", np.nan)):
         result["tflops_per_s"] = result["flops"] / median / 1e12
+    return result
+
+
+def measure(
+    setting: Setting,
+    steps: int = 10,
+    warmup: int = 2,
+    rotations: int = 0,
+    seed: int = 0,
+    count_flops: bool = True,
+    profile_dir: str | None = None,
+) -> dict:
+    """Compile and time one setting. ``rotations > 0``: also the invariance error of the
+    predictions (max relative error over that many random rotations of the whole batch).
+    ``profile_dir``: also trace a few steps there and split their time by op class
+    (:mod:`se3jax.profiling`)."""
+    p = prepare(setting, seed, count_flops)
+    result = summarise_times(p.result, time_steps(p.run, warmup, steps))
+    result["peak_rss_bytes"] = peak_rss_bytes()
     if profile_dir:
         from se3jax.profiling import profile_compiled
 
-        result["profile"] = profile_compiled(run, compiled.as_text(), profile_dir)
+        result["profile"] = profile_compiled(p.run, p.compiled.as_text(), profile_dir)
     if rotations:
-        params = holder["state"].params if setting.mode == "train" else state.params
-        apply = compiled if setting.mode == "infer" else jax.jit(model.clone(execution=e.for_mode("infer")).apply)
-        real = np.asarray(padding_masks(host_batch).graphs)
-        reference = np.asarray(apply(params, batch))[real]
+        e = setting.execution.for_mode(setting.mode)
+        params = p.holder["state"].params if setting.mode == "train" else p.holder["params"]
+        apply = p.compiled if setting.mode == "infer" else jax.jit(p.model.clone(execution=e.for_mode("infer")).apply)
+        real = np.asarray(padding_masks(p.host_batch).graphs)
+        reference = np.asarray(apply(params, p.batch))[real]
         errors = [
-            relative_error(np.asarray(apply(params, jax.device_put(rotated(host_batch, r))))[real], reference)
+            relative_error(np.asarray(apply(params, jax.device_put(rotated(p.host_batch, r))))[real], reference)
             for r in random_rotations(np.random.default_rng(seed + 1), rotations)
         ]
         result["invariance_error"] = max(errors)
     return result
 
 
+def interleaved(
+    settings: list[Setting], rounds: int = 3, steps: int = 2, warmup: int = 1, count_flops: bool = False
+) -> list[dict]:
+    """Compile every setting, then time them round-robin (A B C A B C ...): each setting gets
+    ``rounds x steps`` timed steps spread over the whole sitting, so a burst of load from other
+    processes slows all settings alike instead of one. Medians per setting."""
+    prepared = [prepare(s, count_flops=count_flops) for s in settings]
+    for p in prepared:
+        for _ in range(warmup):
+            p.run()
+    times = [[] for _ in prepared]
+    for _ in range(rounds):
+        for p, t in zip(prepared, times):
+            t.extend(time_steps(p.run, 0, steps))
+    return [summarise_times(p.result, t) for p, t in zip(prepared, times)]
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux and macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def format_row(r: dict) -> str:
     mem = r.get("total_bytes", float("nan")) / 1e9
+    temp = r.get("temp_bytes", float("nan")) / 1e6
+    rss = r.get("peak_rss_bytes", float("nan")) / 1e9
     inv = r.get("invariance_error")
     return (
         f"| {r['label']} | {r.get('resolved_level', '')} | {r.get('resolved_chunk_edges') or 'none'} | "
-        f"{r['molecules_per_s']:,.0f} | {r['step_s'] * 1e3:.1f} | {r['compile_s']:.1f} | {mem:.2f} | "
-        f"{r.get('tflops_per_s', float('nan')):.2f} | {'' if inv is None else f'{inv:.1e}'} |"
+        f"{r['molecules_per_s']:,.1f} | {r['step_s'] * 1e3:.1f} | {r['compile_s']:.1f} | {mem:.2f} | {temp:,.0f} | "
+        f"{rss:.2f} | {r.get('tflops_per_s', float('nan')):.2f} | {'' if inv is None else f'{inv:.1e}'} |"
     )
 
 
+# peak RSS: the whole process's so far (compiles included); one setting per process to read it per setting
 TABLE_HEADER = (
-    "| setting | level | edge chunk | molecules/s | step (ms) | compile (s) | XLA memory (GB) "
-    "| TFLOP/s | invariance error |\n|---|---|---|---:|---:|---:|---:|---:|---:|"
+    "| setting | level | edge chunk | molecules/s | step (ms) | compile (s) | XLA memory (GB) | XLA temp (MB) "
+    "| peak RSS (GB) | TFLOP/s | invariance error |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 )

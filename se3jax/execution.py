@@ -7,9 +7,10 @@ One frozen :class:`Execution` travels down the model (passed by keyword to every
 
 - the **fusion level** of each convolution (:func:`resolve_fuse_level`), from a preference per
   backend and mode (training or inference);
-- the **edge chunk** (:func:`edge_chunk_rows`): on a CPU, the rows of a chunk are sized to the
-  machine's last-level cache; on a GPU, edges are not chunked unless one layer's per-edge radial
-  weights would exceed ``radial_memory_mb`` (then the fewest even chunks that fit);
+- the **edge chunk** (:func:`edge_chunk_rows`): on a CPU, a chunk's radial weights of the whole
+  layer fit a cache-sized budget (:func:`cpu_chunk_bytes`); on a GPU, edges are not chunked
+  unless one layer's per-edge radial weights would exceed ``radial_memory_mb`` (then the fewest
+  even chunks that fit);
 - whether the radial weights are **stored or recomputed** for the backward pass
   (:func:`remat_radial`), and which **kernel** contracts them (:func:`resolve_kernel`).
 
@@ -204,12 +205,19 @@ def resolve_fuse_level(
 # ---------------------------------------------------------------------------------------------
 # Edge chunks
 
-# CPU: the largest radial weight block (one group's weights for a chunk's rows) fills the
-# last-level cache, and the rows are split into even chunks (no mostly-padding last chunk).
-# Measured on the 2-core Zen 4 (32 MB L3), training at batch 240 by chunk (edges): 1,024 ->
-# 33.0 mol/s, 2,016 (the rule) -> 38.3, 4,096 -> 26.9; at batch 100: 1,024 -> 28.4, 2,112
-# (the rule) -> 34.1 (README, "Execution plan").
-CACHE_FRACTION = 1.0
+# CPU: a chunk's radial weights of the whole layer (every path of a bond row, 45,056 floats in a
+# hidden layer of the QM9 model) take at most CPU_CHUNK_BYTES, or the last-level cache if it is
+# smaller; the rows are split into even chunks (no mostly-padding last chunk). XLA keeps every
+# fusion group's weights of a chunk live at once (inference at batch 100: 136 MB of temporaries
+# with 128-edge chunks, 188 MB with 512, 375 MB with 2,080), so the whole layer is what has to
+# stay in cache, not one group. Measured on the 2-core Zen 4 (32 MB L3, 1 MB L2 per core) with
+# `scripts/benchmark.py --rounds 3` (settings timed round-robin; other processes kept the load
+# near 20, so only the ratios mean something): inference at batch 100 by chunk (edges): 128, 256,
+# 384 -> 11.1-11.2 mol/s, 512 -> 10.5, 1,024 -> 8.4, 2,080 (the rule before) -> 6.7; training:
+# 256 -> 2.3, 512 -> 2.2, 1,024 -> 1.6, 2,112 -> 2.0. The rule gives 352 edges at batch 100,
+# 368 at 240 and above. Caches larger than the measured one are not extrapolated to: a big
+# server L3 is shared by many cores.
+CPU_CHUNK_BYTES = 32 << 20
 # GPU: the per-layer radial weights stay unchunked up to this share of the device's memory
 # (H200, 141 GB: 3.5 GB training / 7 GB inference; H100, 80 GB: 2 GB / 4 GB). Chunks cost
 # speed: training at batch 1000 in bf16 (1.9 GB of weights per layer) measured 16,466 mol/s
@@ -226,11 +234,10 @@ _FALLBACK_CACHE_BYTES = 8 << 20
 
 
 @functools.cache
-def last_level_cache_bytes() -> int:
-    """The CPU's largest cache in bytes as the OS reports it (Linux sysfs, macOS sysctl);
-    8 MB when it cannot be read."""
+def last_level_cache_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The CPU's largest cache in bytes as the OS reports it (Linux sysfs under ``base``, macOS
+    sysctl); 8 MB when it cannot be read."""
     sizes = []
-    base = "/sys/devices/system/cpu/cpu0/cache"
     if os.path.isdir(base):
         for entry in sorted(os.listdir(base)):
             try:
@@ -254,6 +261,12 @@ def last_level_cache_bytes() -> int:
     return max(sizes) if sizes else _FALLBACK_CACHE_BYTES
 
 
+def cpu_chunk_bytes() -> int:
+    """The most bytes of radial weights one edge chunk may take on a CPU (``CPU_CHUNK_BYTES``,
+    or the last-level cache if smaller)."""
+    return min(CPU_CHUNK_BYTES, last_level_cache_bytes())
+
+
 @functools.cache
 def device_memory_bytes() -> int:
     """Memory of the default device as XLA reports it (16 GB when it does not)."""
@@ -270,16 +283,16 @@ def edge_chunk_rows(
 ) -> int | None:
     """Rows (bonds if edges are paired, else edges) per chunk, or None for no chunking.
 
-    ``row_weights``: radial weights per row of the whole layer; ``group_row_weights``: those of
-    its largest fusion group (what is live at once on a CPU).
+    ``row_weights``: radial weights per row of the whole layer (what a chunk keeps live on a
+    CPU, and what a layer stores on a GPU); ``group_row_weights``: those of its largest fusion
+    group (kept for callers; no rule uses it now).
     """
     itemsize = get_policy(execution.precision).compute_dtype.itemsize
     shrink = 2 if execution.low_memory else 1
     if execution.edge_chunk:
         rows = execution.edge_chunk // 2 if execution.paired_edges else execution.edge_chunk
     elif backend_kind(backend) == "cpu":
-        budget = CACHE_FRACTION * last_level_cache_bytes() / shrink
-        rows = _even_rows(num_rows, _round_rows(budget / (group_row_weights * itemsize)))
+        rows = _even_rows(num_rows, _round_rows(cpu_chunk_bytes() / shrink / (row_weights * itemsize)))
     else:
         budget = (
             execution.radial_memory_mb * (1 << 20)
