@@ -43,9 +43,33 @@ def assert_same_batches(a, b):
             np.testing.assert_array_equal(leaf_x, leaf_y)
 
 
+@pytest.mark.parametrize(
+    "sizes,slack,expected",
+    [
+        # 32 x 18 x 1.1 = 633.6 nodes (+1 padding node) -> 640; 32 x 37.5 x 1.1 = 1320 (+1) -> 1344
+        (dict(batch_size=32, mean_nodes=18.0, mean_edges=37.5, max_nodes=29, max_edges=56), 1.1, (640, 1344, 33)),
+        # the slack counts: 10 x 6 x 1.1 = 66 (+1) -> 128, without it 61 -> 64
+        (dict(batch_size=10, mean_nodes=6.0, mean_edges=6.0, max_nodes=9, max_edges=16), 1.1, (128, 128, 11)),
+        (dict(batch_size=10, mean_nodes=6.0, mean_edges=6.0, max_nodes=9, max_edges=16), 1.0, (64, 64, 11)),
+        # exactly a multiple of 64 stays: 4 x 15.75 = 63 (+1) = 64; one node more needs 128
+        (dict(batch_size=4, mean_nodes=15.75, mean_edges=31.75, max_nodes=20, max_edges=40), 1.0, (64, 128, 5)),
+        (dict(batch_size=4, mean_nodes=16.0, mean_edges=15.75, max_nodes=20, max_edges=40), 1.0, (128, 64, 5)),
+        # one molecule per batch: the largest molecule sets the budget, 29 (+1) -> 64, 70 (+1) -> 128
+        (dict(batch_size=1, mean_nodes=10.0, mean_edges=20.0, max_nodes=29, max_edges=70), 1.1, (64, 128, 2)),
+    ],
+)
+def test_budget_for_a_batch_rounds_up_with_slack_and_room_for_the_largest(sizes, slack, expected):
+    budget = PaddingBudget.for_batch(**sizes, slack=slack)
+    assert (budget.n_node, budget.n_edge, budget.n_graph) == expected
+
+
 def test_budget_comes_from_the_molecule_sizes(dataset, train, budget):
-    assert budget == PaddingBudget.for_batch(BATCH, **dataset.stats(train))
-    assert budget.n_graph == BATCH + 1
+    """The loader's budget holds BATCH molecules of the mean size (+10%) and the largest one."""
+    nodes, edges = dataset.num_nodes[train], dataset.num_edges[train]
+    assert budget.n_graph == BATCH + 1 and budget.n_node % 64 == 0 and budget.n_edge % 64 == 0
+    assert BATCH * nodes.mean() * 1.1 < budget.n_node <= BATCH * nodes.mean() * 1.1 + 65
+    assert BATCH * edges.mean() * 1.1 < budget.n_edge <= BATCH * edges.mean() * 1.1 + 65
+    assert budget.fits(nodes.max(), edges.max(), 1)
 
 
 def test_every_molecule_once_per_epoch_and_no_batch_exceeds_the_budget(dataset, train, budget):
