@@ -9,6 +9,8 @@ Throughput is the median over timed steps after warm-up; compile time is separat
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
 import logging
@@ -140,6 +142,9 @@ def _initial_params(num_layers: int, num_channels: int, num_heads: int):
     return jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), example))
 
 
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+
+
 @dataclasses.dataclass
 class Prepared:
     """A compiled setting ready to time: ``run()`` executes one step (blocking)."""
@@ -205,6 +210,7 @@ def prepare(setting: Setting, seed: int = 0, count_flops: bool = True) -> Prepar
     start = time.perf_counter()
     compiled = jitted(model).lower(*args).compile()
     result["compile_s"] = time.perf_counter() - start
+    release_freed_host_memory()
     result.update(memory_stats(compiled))
     if count_flops:
         # XLA counts a loop body once, so count FLOPs on the same step with edges unchunked
@@ -280,6 +286,16 @@ def interleaved(
         for p, t in zip(prepared, times):
             t.extend(time_steps(p.run, 0, steps))
     return [summarise_times(p.result, t) for p, t in zip(prepared, times)]
+
+
+def release_freed_host_memory() -> None:
+    """Hand the memory the compiler freed back to the OS (glibc keeps it in its arenas
+    otherwise, and the steps' buffers then come on top of it in the resident set: at batch 100
+    inference, a 0.84 GB process after compiling reached 1.03 GB at its first step). A no-op
+    where the C library has no ``malloc_trim``."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def peak_rss_bytes() -> int:
