@@ -3,8 +3,11 @@ loss scaling, and clear errors for bad configs and corrupt checkpoints."""
 
 import dataclasses
 import json
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -15,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from se3jax.data.loader import BatchLoader, budget_for
-from se3jax.graphs import pad_to_budget
+from se3jax.graphs import HARMONICS, pad_to_budget
 from se3jax.training.checkpoints import Checkpointer, CheckpointError
 from se3jax.training.config import load_config_file, validate_config
 from se3jax.training.parallel import DataParallel
@@ -120,23 +123,36 @@ def test_two_devices_equal_one_device_on_the_combined_batch(config, two_batches_
 
 
 @pytest.mark.skipif(jax.local_device_count() < 2, reason="needs 2 (simulated) devices")
-def test_training_loop_runs_on_two_devices_and_pmap_names_the_same_path(config, tmp_path):
+def test_two_device_training_with_precomputed_bases_equals_training_without(config, qm9_subset, tmp_path, monkeypatch):
+    """The training loop on two devices, once computing the edge harmonics in the model and
+    once reading them precomputed from the dataset: the batches carry them only when asked,
+    and both runs train the same parameters."""
+    dataset_type = type(qm9_subset)
+    batch_graphs = dataset_type.batch_graphs
+    carried = []  # per assembled batch: did it carry precomputed harmonics?
+
+    def spy(self, *args, **kwargs):
+        graphs = batch_graphs(self, *args, **kwargs)
+        carried.append(HARMONICS in graphs.edges)
+        return graphs
+
+    monkeypatch.setattr(dataset_type, "batch_graphs", spy)
     config.num_devices = 2
-    config.max_train_molecules, config.max_eval_molecules, config.num_epochs = 64, 40, 1
-    results = {}
-    for method in ("shard_map", "pmap"):
-        config.parallel = method
-        results[method] = train_and_evaluate(config, tmp_path / method)
-    assert results["pmap"] == results["shard_map"]
-    assert results["pmap"]["step"] >= 2 and np.isfinite(results["pmap"]["val_mae"])
-
-
-def test_training_with_precomputed_bases(config, tmp_path):
-    config.precompute_bases = True
-    config.max_train_molecules, config.max_eval_molecules, config.max_steps = 32, 40, 2
-    result = train_and_evaluate(config, tmp_path)
-    assert result["step"] == 2
-    assert np.all(np.isfinite(jax.tree.leaves(final_params(tmp_path))[0]))
+    config.max_train_molecules, config.max_eval_molecules, config.num_epochs = 64, 40, 1  # 2 steps of 2 x 16
+    results, params = {}, {}
+    for precompute in (False, True):
+        config.precompute_bases = precompute
+        carried.clear()
+        results[precompute] = train_and_evaluate(config, tmp_path / str(precompute))
+        params[precompute] = final_params(tmp_path / str(precompute))
+        assert carried and all(c == precompute for c in carried), (precompute, carried)
+    assert results[True]["step"] == results[False]["step"] == 2
+    for key in ("val_mae", "test_mae"):
+        assert np.isfinite(results[False][key])
+        np.testing.assert_allclose(results[True][key], results[False][key], rtol=1e-4)
+    for with_bases, without in zip(jax.tree.leaves(params[True]), jax.tree.leaves(params[False])):
+        # Adam moves every weight by about lr = 3e-3 a step; rounding moved one by 1.7e-6 (measured)
+        np.testing.assert_allclose(with_bases, without, rtol=1e-4, atol=1e-5)
 
 
 def test_fp16_loss_scaling_skips_overflowing_steps(config, two_batches_and_combined):
@@ -219,16 +235,14 @@ def test_background_saves_keep_the_saved_values_while_training_donates_the_state
     reopened.close()
 
 
-def test_corrupt_checkpoint_gives_a_clear_error(config, tmp_path):
-    config.max_train_molecules = 32
-    config.max_steps = 2
-    train_and_evaluate(config, tmp_path)
-    for f in (tmp_path / "checkpoints").rglob("*"):
+def test_corrupt_checkpoint_gives_a_clear_error(config, trained_workdir, tmp_path):
+    workdir = shutil.copytree(trained_workdir, tmp_path / "run")  # its config: 32 molecules, 3 steps
+    for f in (workdir / "checkpoints").rglob("*"):
         if f.is_file() and "state" in f.parts:
             f.write_bytes(b"garbage")
-    config.max_steps = 4
+    config.max_train_molecules, config.max_steps = 32, 4
     with pytest.raises(CheckpointError, match="cannot be restored.*corrupt"):
-        train_and_evaluate(config, tmp_path)
+        train_and_evaluate(config, workdir)
 
 
 def test_plot_metrics_renders_learning_curves(trained_workdir, tmp_path):
@@ -252,13 +266,10 @@ def test_plot_metrics_renders_learning_curves(trained_workdir, tmp_path):
     assert missing.returncode != 0 and "metrics.jsonl not found" in missing.stderr
 
 
-@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])  # Ctrl-C, a scheduler's preemption
-def test_ctrl_c_saves_the_exact_position_and_the_rerun_resumes(signal_name, qm9_subset_cache, tmp_path):
-    """The signal is turned into a stop between steps: the state saved is the last finished
-    step's (never one donated to a step in flight) and the rerun resumes at its position."""
-    import signal
-    import time
-
+def test_ctrl_c_and_sigterm_save_the_exact_position_and_each_rerun_resumes(qm9_subset_cache, tmp_path):
+    """Ctrl-C (SIGINT), then a scheduler's preemption (SIGTERM) of the resumed run: each signal
+    is turned into a stop between steps, the state saved is the last finished step's (never
+    one donated to a step in flight), and each rerun resumes at the saved position."""
     args = [
         sys.executable,
         "train/main.py",
@@ -271,25 +282,47 @@ def test_ctrl_c_saves_the_exact_position_and_the_rerun_resumes(signal_name, qm9_
         "--config.log_every_steps=1",
         "--config.num_epochs=50",
     ]  # ~19 steps per epoch
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(read_metrics(tmp_path, "train_loss")) >= 3):
-        time.sleep(0.2)
-    proc.send_signal(getattr(signal, signal_name))
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "interrupted: checkpoint saved at step" in stderr
-    manager = ocp.CheckpointManager(tmp_path / "checkpoints")
-    step = manager.latest_step()
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    manager.close()
-    epoch, batch = position_after(step, qm9_subset_cache)  # from the loader's epoch lengths
-    assert step >= 3 and (meta["epoch"], meta["batch"]) == (epoch, batch)
+    resumed_from = None
+    for signal_name in ("SIGINT", "SIGTERM"):
+        logged = len(steps_logged(tmp_path)) if resumed_from else 0
+        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wanted = logged + 3  # this run trains at least 3 steps before the signal
+        deadline = time.time() + 300
+        while time.time() < deadline and not (
+            (tmp_path / "metrics.jsonl").exists() and len(steps_logged(tmp_path)) >= wanted
+        ):
+            time.sleep(0.2)
+        proc.send_signal(getattr(signal, signal_name))
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode != 0 and f"{signal_name} received" in stderr, stderr[-3000:]
+        assert "interrupted: checkpoint saved at step" in stderr
+        step, meta = saved_position(tmp_path)
+        if resumed_from is not None:  # this run resumed where the previous signal left it
+            assert f"resuming at step {resumed_from[0]} (epoch {resumed_from[1]}, batch {resumed_from[2]})" in stderr
+        assert step >= (resumed_from[0] if resumed_from else 0) + 3
+        assert (meta["epoch"], meta["batch"]) == position_after(step, qm9_subset_cache)
+        resumed_from = (step, meta["epoch"], meta["batch"])
     result = subprocess.run(
         args[:-1] + [f"--config.max_steps={step + 2}"], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    assert f"resuming at step {step} (epoch {epoch}, batch {batch})" in result.stderr
+    assert f"resuming at step {step} (epoch {meta['epoch']}, batch {meta['batch']})" in result.stderr
+    logged = steps_logged(tmp_path)
+    assert logged == sorted(set(logged)) and logged[-1] == step + 2  # each step logged once
+
+
+def saved_position(workdir: Path) -> tuple[int, dict]:
+    """The newest checkpoint's step and its saved data position."""
+    manager = ocp.CheckpointManager(workdir / "checkpoints")
+    step = manager.latest_step()
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    manager.close()
+    return step, meta
+
+
+def steps_logged(workdir: Path) -> list[int]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "train_loss" in r]
 
 
 def position_after(step: int, cache_dir) -> tuple[int, int]:

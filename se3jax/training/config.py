@@ -57,7 +57,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.max_steps = 0  # >0: stop after this many steps in total (resumable)
     c.seed = 0
     # parallelism (se3jax.training.parallel): batch_size molecules per device and step
-    c.parallel = "shard_map"  # shard_map | pmap: one code path, pmap names it as before
     c.num_devices = 0  # devices per process; 0 = all local devices
     c.distributed = False  # multi-host: start jax.distributed (cluster auto-detected)
     c.coordinator_address = ""  # explicit multi-host settings (override auto-detection):
@@ -79,7 +78,6 @@ _CHOICES = {
     "self_interaction": ("per_edge", "per_node"),
     **{f.name: f.metadata["choices"] for f in EXECUTION_FIELDS if f.metadata["choices"] is not None},
     "precision": TRAINING_POLICIES,  # fp64 is for tests, not training
-    "parallel": ("pmap", "shard_map"),
 }
 _POSITIVE = (
     "num_layers",

@@ -7,9 +7,8 @@ molecules of all devices and sums gradients with ``lax.psum``, so the update is 
 mean loss over the global batch. The mesh lists each process's devices in process order; each
 process feeds its own devices' batches (``jax.make_array_from_process_local_data``).
 
-``jax.pmap`` is retired: since JAX 0.8 it is implemented as ``jit(shard_map)`` over the same
-kind of mesh, so ``config.parallel = "pmap"`` now selects this same path (same numbers, one
-code path to test).
+``jax.pmap`` is not used: since JAX 0.8 it is itself ``jit(shard_map)`` over the same kind of
+mesh, so a second path would compute the same numbers and double what must be tested.
 
 Multi-host runs start JAX's distributed runtime first (:func:`initialize_distributed`).
 """
