@@ -40,6 +40,12 @@ def model() -> SE3Transformer:
     return SE3Transformer(Fiber({0: 6}), Fiber.create(2, 16), Fiber({1: 1}), num_layers=2, num_heads=2)
 
 
+def batch_budget(batch_size: int) -> PaddingBudget:
+    """Room for ``batch_size`` of QM9's largest molecules (29 atoms, 56 directed bond edges)."""
+    return PaddingBudget(n_node=batch_size * 29 + 1, n_edge=batch_size * 56 + 2, n_graph=batch_size + 1)
+
+
+@jax.jit
 def predict(params, positions, node_features, node_mask, graph_index):
     """Per-atom displacements ``[N, 3]`` from noisy positions (a radius graph built inside)."""
     graph = radius_graph(positions, CUTOFF, MAX_NEIGHBOURS, mask=node_mask, segment_ids=graph_index)
@@ -70,7 +76,7 @@ def train(
 ) -> dict:
     dataset = load_qm9(cache_dir, "homo", max_molecules=molecules)
     train_idx = dataset.splits["train"]
-    budget = PaddingBudget(n_node=batch_size * 29 + 1, n_edge=batch_size * 56 + 2, n_graph=batch_size + 1)
+    budget = batch_budget(batch_size)
     rng = np.random.default_rng(seed)
     stream = batches(dataset, train_idx, batch_size, budget, rng)
     first = next(stream)

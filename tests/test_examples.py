@@ -3,22 +3,41 @@
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
+from se3jax.graphs import FEATURES, POSITIONS, node_graph_index, pad_to_budget, padding_masks
+from se3jax.testing import relative_error
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+STEPS = 250  # measured: mean loss of steps 200-250 0.74 of the baseline, 0.96 at steps 50-100
 
 
-def test_denoising_example_learns_equivariant_displacements(qm9_subset_cache):
+def test_denoising_example_learns_equivariant_displacements(qm9_subset_cache, qm9_subset, rotations):
     import denoise_qm9
 
-    result = denoise_qm9.train(steps=400, molecules=400, cache_dir=qm9_subset_cache, log_every=0)
+    result = denoise_qm9.train(steps=STEPS, molecules=400, cache_dir=qm9_subset_cache, log_every=0)
     losses = np.asarray(result["losses"])
     assert np.all(np.isfinite(losses))
     # it learns: below the do-nothing baseline (the noise variance), and falling
     assert losses[-50:].mean() < 0.85 * result["baseline"], losses[-50:].mean()
     assert losses[-50:].mean() < losses[50:100].mean()
-    # the predicted vectors rotate with the molecules (float32 rounding level)
-    assert result["equivariance_error"] < 1e-5
+
+    # the trained model's displacements rotate with noisy validation molecules (and ignore a
+    # translation), to float32 rounding
+    # (padded as the example's training batches: its compiled predict is reused)
+    graphs = pad_to_budget(qm9_subset.batch_graphs(qm9_subset.splits["val"][:8]), denoise_qm9.batch_budget(8))
+    mask = np.asarray(padding_masks(graphs).nodes)
+    noise = np.random.default_rng(0).normal(size=mask.shape + (3,)) * denoise_qm9.NOISE * mask[:, None]
+    positions = jnp.asarray(graphs.nodes[POSITIONS] + noise, jnp.float32)
+    features, index = jnp.asarray(graphs.nodes[FEATURES]), node_graph_index(graphs)
+    predict = lambda p: denoise_qm9.predict(result["params"], p, features, mask, index)
+    out, overflow = predict(positions)
+    assert int(overflow) == 0 and np.abs(np.asarray(out)[mask]).max() > 0
+    for rotation in rotations:
+        rotation = jnp.asarray(rotation, jnp.float32)
+        moved, _ = predict(positions @ rotation.T + jnp.array([3.0, -1.0, 2.0]))
+        assert relative_error(np.asarray(moved)[mask], np.asarray(out @ rotation.T)[mask]) < 1e-5
 
 
 def test_periodic_force_field_learns_lennard_jones_forces_equivariantly():
