@@ -38,6 +38,7 @@ from se3jax.graphs import (
     FEATURES,
     POSITIONS,
     PaddingBudget,
+    graphs_tuple,
     molecule_graph,
     node_graph_index,
     pad_to_budget,
@@ -116,8 +117,16 @@ class Predictor:
 
     @functools.cached_property
     def jitted(self) -> Callable:
-        """``jax.jit(predict)``: compiled once per padding budget."""
-        return jax.jit(self.predict)
+        """``jax.jit(predict)``, compiled once per padding budget, after the host's value checks
+        (finite positions, edge indices, paired edges: a compiled step cannot raise)."""
+        compiled = jax.jit(self.predict)
+        model = self.model
+
+        def checked(params, graphs: jraph.GraphsTuple) -> jax.Array:
+            validate_graphs(graphs, model.node_features_dim, model.edge_features_dim, model.execution.paired_edges)
+            return compiled(params, graphs)
+
+        return checked
 
     def predict_molecules(
         self, molecules: Sequence, batch_size: int | None = None, progress: Callable | None = None
@@ -260,16 +269,7 @@ def _flatten(graphs: jraph.GraphsTuple) -> tuple:
     )
 
 
-def _unflatten(positions, node_features, edge_features, senders, receivers, n_node, n_edge):
-    return jraph.GraphsTuple(
-        nodes={POSITIONS: positions, FEATURES: node_features},
-        edges={FEATURES: edge_features},
-        senders=senders,
-        receivers=receivers,
-        n_node=n_node,
-        n_edge=n_edge,
-        globals=None,
-    )
+_unflatten = graphs_tuple  # its arguments are _FLAT_FIELDS, in that order
 
 
 def export_predictor(
