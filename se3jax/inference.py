@@ -154,10 +154,7 @@ class Predictor:
         out = np.zeros(len(graphs), np.float64)
         for idx in batches:
             padded = pad_to_budget([graphs[i] for i in idx], budget)
-            validate_graphs(
-                padded, self.model.node_features_dim, self.model.edge_features_dim, self.model.execution.paired_edges
-            )
-            out[idx] = np.asarray(self.jitted(self.params, padded))[: len(idx)]
+            out[idx] = np.asarray(self.jitted(self.params, padded))[: len(idx)]  # jitted checks it first
             if progress is not None:
                 progress(len(idx))
         return out
