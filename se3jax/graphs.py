@@ -293,7 +293,8 @@ def check_values(graphs: jraph.GraphsTuple, paired_edges: bool = True) -> None:
             raise ValueError(f"{name} index out of range [0, {n}): min {idx.min()}, max {idx.max()}")
     if paired_edges:
         check_paired_edges(graphs)
-    real_edges = np.asarray(padding_masks(graphs).edges)
+    with jax.ensure_compile_time_eval():  # concrete masks also while a jit traces around them
+        real_edges = np.asarray(padding_masks(graphs).edges)
     lengths = np.linalg.norm(pos[receivers] - pos[senders], axis=-1)
     short = np.flatnonzero(real_edges & (lengths < MIN_EDGE_LENGTH))
     if short.size:

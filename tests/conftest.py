@@ -16,7 +16,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+# LLVM at -O0: compiling dominates the suite (tiny models, a few steps each) and -O0 cuts a
+# model's compile time by about a third; the numbers are the same up to float rounding, which
+# every tolerance allows. Benchmarks and users keep XLA's default.
+_FLAGS = " --xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + _FLAGS).strip()
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process of the run makes it
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="se3jax-tests-jax-cache-")
     os.environ["SE3JAX_TESTS_CACHE_OWNER"] = str(os.getpid())
@@ -89,11 +93,15 @@ def precision_rtol():
     return _RTOL["cpu" if jax.default_backend() == "cpu" else "gpu"].__getitem__
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def small_batch():
-    """Three small molecules padded with room to spare (padding nodes, edges and graphs)."""
+    """Three small molecules padded with room to spare (padding nodes, edges and graphs).
+    Shared by every test (read only: its arrays refuse writes)."""
     rng = np.random.default_rng(0)
-    return synthetic_batch(rng, 3, PaddingBudget(n_node=48, n_edge=96, n_graph=5), mean_atoms=8)
+    batch = synthetic_batch(rng, 3, PaddingBudget(n_node=48, n_edge=96, n_graph=5), mean_atoms=8)
+    for leaf in jax.tree.leaves(batch):
+        leaf.setflags(write=False)
+    return batch
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from se3jax import execution as ex
+from se3jax.basis import HARMONICS_SCOPE
 from se3jax.edges import EdgeInputs
 from se3jax.execution import Execution, FuseLevel
 from se3jax.fiber import Fiber
@@ -167,7 +168,11 @@ def test_every_contraction_asks_for_its_policy_precision(precision, expected, sm
     with jax.default_matmul_precision("bfloat16"):  # a hostile global setting changes nothing
         jaxpr = jax.make_jaxpr(grad)(params, small_batch.nodes["positions"]).jaxpr
     dots = list(_dot_generals(jaxpr))
-    assert len(dots) > 20
+    is_geometry = [HARMONICS_SCOPE in str(eqn.source_info.name_stack) for eqn in dots]
+    geometry = [eqn for eqn, g in zip(dots, is_geometry) if g]
+    dots = [eqn for eqn, g in zip(dots, is_geometry) if not g]
+    assert len(dots) > 20 and geometry  # forward and backward harmonics: always full float32
+    assert all(str(eqn.params["precision"]).count("HIGHEST") == 2 for eqn in geometry)
     precisions = {str(eqn.params["precision"]) for eqn in dots}
     assert all(expected in p and (expected != "HIGH" or "HIGHEST" not in p) for p in precisions), precisions
     if precision == "bf16":  # the big contractions really run in bfloat16

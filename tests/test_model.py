@@ -14,7 +14,7 @@ from se3jax.basis import edge_geometry
 from se3jax.edges import edge_inputs
 from se3jax.execution import Execution
 from se3jax.fiber import Fiber
-from se3jax.graphs import FEATURES, POSITIONS, PaddingBudget, pad_to_budget, padding_masks
+from se3jax.graphs import FEATURES, POSITIONS, PaddingBudget, pad_to_budget, padding_masks, validate_graphs
 from se3jax.model import SE3Transformer, SE3TransformerPooled
 from se3jax.testing import assert_equivariant, relative_error, synthetic_molecule
 
@@ -34,10 +34,10 @@ def cast_floats(graphs, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x, graphs)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def model_and_params(small_batch):
     model = small_model()
-    return model, model.init(jax.random.PRNGKey(0), small_batch)
+    return model, jax.jit(model.init)(jax.random.PRNGKey(0), small_batch)
 
 
 def test_trunk_equivariant_float64_all_degrees(small_batch, rotations, x64):
@@ -262,6 +262,18 @@ def test_bad_inputs_raise_clear_errors(mutate, message, model_and_params, small_
     graphs = jax.tree.map(jnp.asarray, small_batch)
     with pytest.raises(ValueError, match=message):
         model.apply(params, mutate(graphs))
+
+
+def test_a_batch_closed_over_by_jit_is_still_checked(model_and_params, small_batch):
+    """A batch held as a constant by a jitted function is concrete: its values are checked
+    while tracing (clear error for NaN), and a valid one passes (no tracer leaks into numpy)."""
+    model, params = model_and_params
+    validate = jax.jit(lambda: validate_graphs(small_batch, 6, 4) or jnp.zeros(()))
+    validate()
+    broken = small_batch._replace(nodes={**small_batch.nodes, POSITIONS: small_batch.nodes[POSITIONS].copy()})
+    broken.nodes[POSITIONS][1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        jax.jit(lambda p: model.apply(p, broken))(params)
 
 
 def test_oversize_and_empty_batches_raise():
