@@ -19,8 +19,9 @@ from pathlib import Path
 # LLVM at -O0: compiling dominates the suite (tiny models, a few steps each) and -O0 cuts a
 # model's compile time by about a third; the numbers are the same up to float rounding, which
 # every tolerance allows. Benchmarks and users keep XLA's default.
-_FLAGS = " --xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + _FLAGS).strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
+).strip()
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process of the run makes it
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="se3jax-tests-jax-cache-")
     os.environ["SE3JAX_TESTS_CACHE_OWNER"] = str(os.getpid())
