@@ -87,6 +87,7 @@ def edge_inputs(
 def edge_vectors(positions, senders, receivers, shifts=None, cell=None) -> jax.Array:
     """Relative positions ``[E, 3]``: destination minus source, plus the periodic image
     ``shifts @ cell`` when given (both or neither)."""
+    positions = jnp.asarray(positions)  # a numpy array cannot be indexed by traced indices
     vectors = positions[receivers] - positions[senders]
     if (shifts is None) != (cell is None):
         raise ValueError("periodic edges need both shifts [E, 3] and the cell [3, 3] (or neither)")

@@ -17,7 +17,9 @@ from pathlib import Path
 
 
 def main(spec: dict) -> None:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
+    # this process's device count; the suite's other flags (tests/conftest.py) stay
+    inherited = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join([*inherited, f"--xla_force_host_platform_device_count={spec['devices']}"])
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, str(REPO))
     import jax  # after XLA_FLAGS: the simulated device count is read when JAX starts

@@ -160,7 +160,7 @@ def test_every_contraction_asks_for_its_policy_precision(precision, expected, sm
     model = SE3TransformerPooled(
         num_layers=1, num_channels=8, num_heads=2, execution=Execution(precision=precision, edge_chunk=32)
     )
-    params = model.init(jax.random.PRNGKey(0), small_batch)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), small_batch)  # a jaxpr needs only shapes
     grad = jax.grad(
         lambda p, pos: jnp.sum(model.apply(p, small_batch._replace(nodes={**small_batch.nodes, "positions": pos}))),
         argnums=(0, 1),
@@ -191,12 +191,14 @@ def test_cpu_plan_computes_the_unchunked_function(monkeypatch, small_batch):
     rows = small_batch.senders.shape[0] // 2
     chunk = ex.edge_chunk_rows(model.execution, rows, plan.n_weights, plan.max_group_row_weights, "cpu")
     assert chunk is not None and -(-rows // chunk) >= 2  # the plan really chunks this batch
-    params = model.init(jax.random.PRNGKey(0), small_batch)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), small_batch)
     unchunked = model.clone(execution=model.execution.replace(edge_chunk=1 << 30))
-    assert jnp.allclose(model.apply(params, small_batch), unchunked.apply(params, small_batch), rtol=1e-5, atol=1e-6)
+    outputs = [jax.jit(m.apply)(params, small_batch) for m in (model, unchunked)]
+    assert jnp.allclose(*outputs, rtol=1e-5, atol=1e-6)
     train, train_unchunked = (m.clone(execution=m.execution.for_mode("train")) for m in (model, unchunked))
     grads, grads_unchunked = (
-        jax.grad(lambda p, m=m: jnp.sum(m.apply(p, small_batch) ** 2))(params) for m in (train, train_unchunked)
+        jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply(p, small_batch) ** 2)))(params)
+        for m in (train, train_unchunked)
     )
     for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_unchunked)):
         assert jnp.allclose(g, h, rtol=1e-4, atol=1e-6)

@@ -48,7 +48,7 @@ def graph_layer_fn(module, params, graphs):
 def init_graph_layer(module, graphs, fiber_in, dtype):
     positions = jnp.asarray(graphs.nodes[POSITIONS], dtype)
     features = random_features(fiber_in, positions.shape[0], dtype)
-    params = module.init(jax.random.PRNGKey(0), features, graph_edges(graphs, positions))
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), features, graph_edges(graphs, positions))
     return params, positions, features
 
 

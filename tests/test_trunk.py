@@ -55,7 +55,7 @@ def test_trunk_equivariant_float64(name, rotations, x64):
         fiber_in, hidden, fiber_out, num_layers=2, num_heads=2, execution=Execution(precision="fp64", paired_edges=True)
     )
     features = features_for(fiber_in, jnp.float64)
-    params = trunk.init(
+    params = jax.jit(trunk.init)(
         jax.random.PRNGKey(0),
         features,
         edge_inputs(points, graph.senders, graph.receivers, max_degree, mask=graph.mask),
@@ -94,7 +94,7 @@ def vector_trunk_fn(execution: dict):
     features = features_for(fiber_in, jnp.float32)
     make = lambda **e: SE3Transformer(fiber_in, hidden, fiber_out, num_layers=2, num_heads=2, execution=Execution(**e))
     edges = edge_inputs(points, graph.senders, graph.receivers, max_degree, mask=graph.mask)
-    params = make().init(jax.random.PRNGKey(0), features, edges)
+    params = jax.jit(make().init)(jax.random.PRNGKey(0), features, edges)
     return trunk_fn(make(**execution), params, graph, max_degree), points, features
 
 
@@ -130,16 +130,16 @@ def test_padding_points_change_nothing_and_stay_finite(debug_nans):
     features = {1: jnp.concatenate([features_for(fiber_in, jnp.float32)[1], jnp.zeros((6, 2, 3))])}
     trunk = SE3Transformer(fiber_in, hidden, fiber_out, num_layers=2, num_heads=2)
 
-    def run(positions, feats):
+    def run(params, positions):
         edges = edge_inputs(positions, graph.senders, graph.receivers, max_degree, mask=graph.mask)
-        return trunk.apply(params, feats, edges)[1]
+        return trunk.apply(params, features, edges)[1]
 
     edges = edge_inputs(padded, graph.senders, graph.receivers, max_degree, mask=graph.mask)
-    params = trunk.init(jax.random.PRNGKey(0), features, edges)
-    out = run(padded, features)
-    moved = run(padded.at[NUM_POINTS:].set(5.0), features)  # padding points elsewhere
+    params = jax.jit(trunk.init)(jax.random.PRNGKey(0), features, edges)
+    out = jax.jit(run)(params, padded)
+    moved = jax.jit(run)(params, padded.at[NUM_POINTS:].set(5.0))  # padding points elsewhere
     np.testing.assert_allclose(out[:NUM_POINTS], moved[:NUM_POINTS], rtol=1e-6, atol=1e-7)
-    grads = jax.grad(lambda p: jnp.sum(run(p, features)[:NUM_POINTS] ** 2))(padded)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(run(params, p)[:NUM_POINTS] ** 2)))(padded)
     assert bool(jnp.all(jnp.isfinite(grads))) and float(jnp.abs(grads[NUM_POINTS:]).max()) == 0.0
 
 
@@ -155,18 +155,19 @@ def test_trunk_composes_with_vmap_grad_and_remat():
         edges = edge_inputs(positions, graph.senders, graph.receivers, max_degree, mask=graph.mask)
         return trunk.apply(params, feats, edges)[1]
 
-    params = trunk.init(
+    params = jax.jit(trunk.init)(
         jax.random.PRNGKey(0),
         features,
         edge_inputs(points[0], clouds[0][1].senders, clouds[0][1].receivers, max_degree, mask=clouds[0][1].mask),
     )
     batched = jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))(params, points, graphs)
     for k in range(2):
-        np.testing.assert_allclose(batched[k], one(params, points[k], clouds[k][1]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(batched[k], jax.jit(one)(params, points[k], clouds[k][1]), rtol=1e-5, atol=1e-6)
     # gradients with respect to positions: an invariant's gradient rotates with the points
     # (and the input vectors rotate with them)
     energy = lambda p, feats: jnp.sum(jnp.sum(one(params, p, clouds[0][1], feats) ** 2, axis=-1))
     rotation = jnp.asarray(random_rotations(np.random.default_rng(3), 1)[0], jnp.float32)
-    g = jax.grad(energy)(points[0], features)
-    g_rot = jax.grad(energy)(points[0] @ rotation.T, rotate_features(features, rotation))
+    force = jax.jit(jax.grad(energy))
+    g = force(points[0], features)
+    g_rot = force(points[0] @ rotation.T, rotate_features(features, rotation))
     assert relative_error(g_rot, g @ rotation.T) < 1e-4
