@@ -10,6 +10,7 @@ True
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import e3nn_jax as e3nn
@@ -39,6 +40,7 @@ def random_rotations(rng: np.random.Generator, num: int) -> np.ndarray:
     )
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one compile per degree: eagerly, e3nn's ~60 ops take seconds
 def wigner_d(degree: int, rotation: jax.Array) -> jax.Array:
     """Real Wigner-D matrix of ``degree`` for ``rotation`` in e3nn's basis (what the
     harmonics and Clebsch–Gordan numbers use)."""
