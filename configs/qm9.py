@@ -10,7 +10,7 @@ CPUs it is float32.
     python train/main.py --config configs/qm9.py --config.task=gap --config.batch_size=100
     # a short run on a laptop CPU:
     python train/main.py --config configs/qm9.py --config.num_epochs=1 \\
-        --config.max_train_molecules=2000 --config.max_eval_molecules=500
+        --config.max_train_molecules=1000 --config.max_eval_molecules=250
 """
 
 from se3jax.training.config import default_config

@@ -88,7 +88,7 @@ def train(
     )
     clean, features, mask, index = fields(first)
     graph0 = radius_graph(clean, CUTOFF, MAX_NEIGHBOURS, mask=mask, segment_ids=index)
-    params = model().init(
+    params = jax.jit(model().init)(
         jax.random.PRNGKey(seed),
         {0: features[:, :, None]},
         edge_inputs(clean, graph0.senders, graph0.receivers, 1, mask=graph0.mask),

@@ -76,8 +76,10 @@ def forces(params, positions, cell):
 def train(repeat: int = 3, steps: int = 150, configurations: int = 8, learning_rate: float = 3e-3, log_every: int = 50):
     positions, reference, cell = argon_boxes(repeat, configurations)
     cell = jnp.asarray(cell)
-    graph = cell_list_radius_graph(positions[0], CUTOFF, MAX_NEIGHBOURS, cell=cell, pbc=True, bin_capacity=24)
-    edges = edge_inputs(
+    graph = jax.jit(cell_list_radius_graph, static_argnums=(1, 2), static_argnames=("pbc", "bin_capacity"))(
+        positions[0], CUTOFF, MAX_NEIGHBOURS, cell=cell, pbc=True, bin_capacity=24
+    )
+    edges = jax.jit(edge_inputs, static_argnums=3)(
         positions[0], graph.senders, graph.receivers, 1, mask=graph.mask, shifts=graph.shifts, cell=cell
     )
     params = jax.jit(model().init)(jax.random.PRNGKey(0), {0: jnp.ones((positions.shape[1], 1, 1))}, edges)
@@ -116,6 +118,7 @@ def train(repeat: int = 3, steps: int = 150, configurations: int = 8, learning_r
         atoms=int(positions.shape[1]),
         edges=int(graph.mask.sum()),
         seconds=seconds,
+        params=params,
     )
 
 

@@ -1,7 +1,7 @@
 """Train the SE(3)-Transformer on QM9.
 
     python train/main.py --config configs/qm9.py --workdir runs/homo
-    python train/main.py --config configs/qm9.py --config.num_epochs=1 --config.max_train_molecules=2000
+    python train/main.py --config configs/qm9.py --config.num_epochs=1 --config.max_train_molecules=1000
 
 Restarting with the same --workdir resumes from its last checkpoint; restarting a finished run
 reports its stored results.
