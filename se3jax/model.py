@@ -51,8 +51,8 @@ class SE3Transformer(nn.Module):
     >>> features = {0: jnp.ones((12, 4, 1)), 1: jnp.zeros((12, 1, 3))}  # scalars and a vector
     >>> trunk = SE3Transformer(Fiber({0: 4, 1: 1}), Fiber.create(2, 8), Fiber({1: 1}), num_layers=2,
     ...                        num_heads=2)
-    >>> params = trunk.init(jax.random.PRNGKey(1), features, edges)
-    >>> trunk.apply(params, features, edges)[1].shape  # one vector per point
+    >>> params = jax.jit(trunk.init)(jax.random.PRNGKey(1), features, edges)  # jit: one compile
+    >>> jax.jit(trunk.apply)(params, features, edges)[1].shape  # one vector per point
     (12, 1, 3)
     """
 

@@ -15,8 +15,8 @@ silently wrong answer (the graph is also sown as ``intermediates/graph`` for ins
 >>> features = {0: jnp.ones((20, 4, 1))}
 >>> trunk = PointCloudTrunk(Fiber({0: 4}), Fiber.create(2, 8), Fiber({1: 1}), num_layers=1, num_heads=2,
 ...                         graph="knn", k=6)
->>> params = trunk.init(jax.random.PRNGKey(1), features, points)
->>> trunk.apply(params, features, points)[1].shape  # one vector per point
+>>> params = jax.jit(trunk.init)(jax.random.PRNGKey(1), features, points)  # jit: one compile
+>>> jax.jit(trunk.apply)(params, features, points)[1].shape  # one vector per point
 (20, 1, 3)
 """
 
