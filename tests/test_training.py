@@ -79,6 +79,7 @@ def test_resume_after_stop_equals_uninterrupted_run(config, tmp_path):
     train_and_evaluate(config, tmp_path / "straight")
     config.max_steps = 4  # stop in the middle of epoch 2 ...
     assert train_and_evaluate(config, tmp_path / "resumed")["step"] == 4
+    assert steps_logged(tmp_path / "resumed")[-1] == 4  # the last step's loss is logged before stopping
     config.max_steps = 0  # ... and restart in the same workdir
     assert train_and_evaluate(config, tmp_path / "resumed")["step"] == 6
     straight, resumed = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")

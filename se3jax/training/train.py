@@ -200,12 +200,13 @@ def log_start(run: Run, state, total_steps: int) -> None:
     )
 
 
-def log_training(run: Run, bar: tqdm, window: MetricsWindow, step: int, position: Position, last_in_epoch: bool):
-    """At the logging cadence (and each epoch's end): the window's means to the metrics and the
-    progress bar."""
-    if not (step % run.config.log_every_steps == 0 or last_in_epoch):
+def log_training(run: Run, bar: tqdm, window: MetricsWindow, step: int, position: Position, flush_all: bool):
+    """At the logging cadence: the window's means to the metrics and the progress bar. Between
+    cadences the newest step stays in flight; ``flush_all`` (an epoch's end, or the run stopping
+    here) waits for it, so every trained step is logged."""
+    if not (step % run.config.log_every_steps == 0 or flush_all):
         return
-    m = window.flush(keep_newest=not last_in_epoch)
+    m = window.flush(keep_newest=not flush_all)
     if m is None:
         return
     std, unit = run.dataset.target_std, run.dataset.unit
@@ -262,9 +263,9 @@ def train_steps(
                 bar.update(1)
                 for hook in hooks:
                     hook(step, state, position)
-                log_training(run, bar, window, step, position, last_in_epoch)
-                results.update(validate(run, step, state, position, last_in_epoch))
                 stop = bool(config.max_steps) and step >= config.max_steps
+                log_training(run, bar, window, step, position, last_in_epoch or stop or signals.requested)
+                results.update(validate(run, step, state, position, last_in_epoch))
                 if step % config.checkpoint_every_steps == 0 or last_in_epoch or stop or signals.requested:
                     next_position = Position(position.epoch, position.batch + 1)
                     run.save(step, state, canonical(next_position, run.train_loader.num_batches))
