@@ -76,7 +76,7 @@ def test_ase_calculator_gives_energy_and_forces(trained_energy_workdir, energy_p
     assert energy == pytest.approx(energy_predictor.predict_molecules([METHANE])[0], rel=1e-5)
     forces = atoms.get_forces()
     graphs = inference.molecules_to_graphs([METHANE], energy_predictor.budget)
-    expected = np.asarray(energy_predictor.forces(energy_predictor.params, graphs))[:5]
+    expected = np.asarray(jax.jit(energy_predictor.forces)(energy_predictor.params, graphs))[:5]
     assert forces.shape == (5, 3) and np.abs(forces).max() > 0
     np.testing.assert_allclose(forces, expected, rtol=1e-5, atol=1e-7)
 
