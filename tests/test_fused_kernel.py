@@ -167,9 +167,9 @@ def test_convolution_with_the_kernel_is_equivariant_and_equal(small_batch, rotat
     einsum = ConvSE3(fiber, fiber, execution=Execution(precision="fp64", kernel="xla", fuse_level="full"))
     # the same parameters whatever the kernel: initialised through the einsums (an eager
     # interpret-mode kernel is slow)
-    params = einsum.init(jax.random.PRNGKey(0), features, conv_edges(small_batch, positions))
+    params = jax.jit(einsum.init)(jax.random.PRNGKey(0), features, conv_edges(small_batch, positions))
     fn = jax.jit(lambda p, f: fused.apply(params, f, conv_edges(small_batch, p)))
     assert_equivariant(fn, positions, features, rotations[:3], rtol=1e-9)
-    expected = einsum.apply(params, features, conv_edges(small_batch, positions))
+    expected = jax.jit(lambda p, f: einsum.apply(params, f, conv_edges(small_batch, p)))(positions, features)
     for d in expected:
         assert relative_error(fn(positions, features)[d], expected[d]) < 1e-12

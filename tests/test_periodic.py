@@ -56,7 +56,7 @@ def system(x64):
     edges = edge_inputs(
         jnp.asarray(atoms.positions), graph.senders, graph.receivers, 1, mask=graph.mask, shifts=graph.shifts, cell=cell
     )
-    params = trunk.init(jax.random.PRNGKey(0), features, edges)
+    params = jax.jit(trunk.init)(jax.random.PRNGKey(0), features, edges)
     bound = lambda numbers, positions, c, g: energy_fn(params, numbers, positions, c, g)
     atoms.calc = RadiusGraphCalculator(bound, CUTOFF, max_neighbours=64)
     return atoms, bound, params
