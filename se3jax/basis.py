@@ -92,9 +92,9 @@ def _harmonics_recursion(max_order: int) -> tuple[np.ndarray, ...]:
     for order in range(max_order):
         cg = np.asarray(e3nn.clebsch_gordan(order, 1, order + 1), dtype=np.float64)
         raw = np.einsum("i,j,ijk->k", y, direction, cg)
-        step = cg * (np.sqrt(2 * order + 3) / np.linalg.norm(raw))
-        steps.append(step)
-        y = np.einsum("i,j,ijk->k", y, direction, step)
+        scale = np.sqrt(2 * order + 3) / np.linalg.norm(raw)
+        steps.append(cg * scale)
+        y = raw * scale
     return tuple(steps)
 
 

@@ -264,9 +264,10 @@ def train_steps(
                 for hook in hooks:
                     hook(step, state, position)
                 stop = bool(config.max_steps) and step >= config.max_steps
-                log_training(run, bar, window, step, position, last_in_epoch or stop or signals.requested)
+                ending = last_in_epoch or stop or signals.requested  # an epoch or the run ends here
+                log_training(run, bar, window, step, position, ending)
                 results.update(validate(run, step, state, position, last_in_epoch))
-                if step % config.checkpoint_every_steps == 0 or last_in_epoch or stop or signals.requested:
+                if step % config.checkpoint_every_steps == 0 or ending:
                     next_position = Position(position.epoch, position.batch + 1)
                     run.save(step, state, canonical(next_position, run.train_loader.num_batches))
                 if stop:
