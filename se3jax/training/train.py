@@ -264,10 +264,9 @@ def train_steps(
                 for hook in hooks:
                     hook(step, state, position)
                 stop = bool(config.max_steps) and step >= config.max_steps
-                ending = last_in_epoch or stop or signals.requested  # an epoch or the run ends here
-                log_training(run, bar, window, step, position, ending)
+                log_training(run, bar, window, step, position, last_in_epoch or stop or signals.requested)
                 results.update(validate(run, step, state, position, last_in_epoch))
-                if step % config.checkpoint_every_steps == 0 or ending:
+                if step % config.checkpoint_every_steps == 0 or last_in_epoch or stop or signals.requested:
                     next_position = Position(position.epoch, position.batch + 1)
                     run.save(step, state, canonical(next_position, run.train_loader.num_batches))
                 if stop:
