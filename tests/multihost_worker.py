@@ -3,7 +3,9 @@
     python tests/multihost_worker.py SPEC_JSON
 
 SPEC: {"devices": simulated CPU devices of this process, "config": overrides of configs/test.py,
-"workdir": ..., "record": a JSON-lines file for this process's per-step records}. Each step
+"workdir": ..., "record": a JSON-lines file for this process's per-step records,
+"hang_after_step": null or a step after which this process stops responding, as a stuck or
+preempted host would, until it is killed}. Each step
 records the global step, the data position and a hash of the parameters; files this process
 opens for writing under the workdir are recorded too (a Python audit hook).
 """
@@ -13,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -54,6 +57,8 @@ def main(spec: dict) -> None:
         for leaf in jax.tree.leaves(state.params):
             digest.update(np.asarray(leaf.addressable_data(0)).tobytes())
         write(kind="step", step=int(step), epoch=position.epoch, batch=position.batch, params=digest.hexdigest())
+        if step == spec.get("hang_after_step"):
+            time.sleep(3600)  # its background threads (heartbeats, checkpoint saves) go on
 
     result = train_and_evaluate(config, workdir, hooks=[on_step])
     write(kind="result", process=jax.process_index(), **{k: float(v) for k, v in result.items()})
