@@ -68,6 +68,7 @@ def energy(params, positions, cell):
     return 0.01 * jnp.sum(per_atom), graph.overflow  # eV scale: forces O(0.01-0.1) eV/A
 
 
+@jax.jit  # one compiled function for training's loss, the checks below and callers (tests/test_examples.py)
 def forces(params, positions, cell):
     grad, overflow = jax.grad(energy, argnums=1, has_aux=True)(params, positions, cell)
     return -grad, overflow
@@ -109,9 +110,8 @@ def train(repeat: int = 3, steps: int = 150, configurations: int = 8, learning_r
     seconds = time.perf_counter() - start
     # predicted forces rotate with the box (positions and cell rotated together)
     rotation = jnp.asarray(random_rotations(np.random.default_rng(1), 1)[0], jnp.float32)
-    predict = jax.jit(lambda x, c: forces(params, x, c)[0])
-    f = predict(positions[0], cell)
-    f_rotated = predict(positions[0] @ rotation.T, cell @ rotation.T)
+    f, _ = forces(params, positions[0], cell)
+    f_rotated, _ = forces(params, positions[0] @ rotation.T, cell @ rotation.T)
     return dict(
         losses=losses,
         baseline=float(np.mean(reference**2)),

