@@ -4,6 +4,8 @@ every execution choice, padding, and composition with jit / vmap / grad / remat.
 Tolerances as in tests/test_layers.py: float64 at rounding level (1e-9), float32 1e-5; bf16
 rounds every contraction to 8 bits (~4e-3 each), which compounds over two layers to ~1e-2."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -86,16 +88,27 @@ EXECUTIONS = [
 _OUTPUTS = {}  # the vector-fiber trunk's outputs per execution (references are shared)
 
 
+@functools.cache
+def vector_trunk_inputs():
+    """The scalars-and-vectors trunk's float32 cloud, features, and parameters (initialised
+    once: every execution shares them)."""
+    fiber_in, hidden, fiber_out, max_degree = FIBERS["scalars_and_vectors_to_vectors_and_tensors"]
+    points, graph = cloud(dtype=jnp.float32)
+    features = features_for(fiber_in, jnp.float32)
+    edges = edge_inputs(points, graph.senders, graph.receivers, max_degree, mask=graph.mask)
+    params = jax.jit(SE3Transformer(fiber_in, hidden, fiber_out, num_layers=2, num_heads=2).init)(
+        jax.random.PRNGKey(0), features, edges
+    )
+    return points, graph, features, params
+
+
 def vector_trunk_fn(execution: dict):
     """The jitted (positions, features) -> outputs of the scalars-and-vectors trunk with
     ``execution``, its parameters shared by every execution, and its inputs."""
     fiber_in, hidden, fiber_out, max_degree = FIBERS["scalars_and_vectors_to_vectors_and_tensors"]
-    points, graph = cloud(dtype=jnp.float32)
-    features = features_for(fiber_in, jnp.float32)
-    make = lambda **e: SE3Transformer(fiber_in, hidden, fiber_out, num_layers=2, num_heads=2, execution=Execution(**e))
-    edges = edge_inputs(points, graph.senders, graph.receivers, max_degree, mask=graph.mask)
-    params = jax.jit(make().init)(jax.random.PRNGKey(0), features, edges)
-    return trunk_fn(make(**execution), params, graph, max_degree), points, features
+    points, graph, features, params = vector_trunk_inputs()
+    trunk = SE3Transformer(fiber_in, hidden, fiber_out, num_layers=2, num_heads=2, execution=Execution(**execution))
+    return trunk_fn(trunk, params, graph, max_degree), points, features
 
 
 def vector_trunk_outputs(execution: dict):
