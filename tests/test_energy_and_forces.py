@@ -10,6 +10,9 @@ from se3jax import inference
 from se3jax.data.molecules import molecule_to_graph
 from se3jax.testing import methane, random_rotations, relative_error
 
+# one xdist worker runs this module: its tests share module-level fixtures and caches
+pytestmark = pytest.mark.xdist_group("test_energy_and_forces")
+
 METHANE = methane()
 
 

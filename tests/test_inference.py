@@ -17,6 +17,9 @@ from se3jax.testing import methane, random_rotations, water
 from se3jax.training.checkpoints import Checkpointer
 from se3jax.training.train import build_model
 
+# one xdist worker runs this module: its tests share module-level fixtures and caches
+pytestmark = pytest.mark.xdist_group("test_inference")
+
 REPO = Path(__file__).resolve().parents[1]
 WATER, METHANE = water(), methane()
 

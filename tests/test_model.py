@@ -19,6 +19,9 @@ from se3jax.graphs import FEATURES, POSITIONS, PaddingBudget, pad_to_budget, pad
 from se3jax.model import SE3Transformer, SE3TransformerPooled
 from se3jax.testing import assert_equivariant, relative_error, synthetic_molecule
 
+# one xdist worker runs this module: its tests share module-level fixtures and caches
+pytestmark = pytest.mark.xdist_group("test_model")
+
 SMALL = dict(num_layers=2, num_degrees=3, num_channels=8, num_heads=2)
 
 

@@ -25,7 +25,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU collectives: Linux")
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU collectives: Linux"),
+    pytest.mark.xdist_group("test_multihost"),  # one worker: the runs fixture is built once
+]
 
 # 2 steps per epoch: 128 training molecules in global batches of 4 devices x 16
 RUN = dict(

@@ -18,6 +18,9 @@ from se3jax.model import SE3Transformer
 from se3jax.neighbours import cell_list_radius_graph
 from se3jax.testing import random_rotations
 
+# one xdist worker runs this module: its tests share module-level fixtures and caches
+pytestmark = pytest.mark.xdist_group("test_periodic")
+
 CUTOFF = 3.0
 SPECIES = jnp.zeros(100, jnp.int32).at[1].set(0).at[8].set(1)  # H -> 0, O -> 1
 

@@ -19,6 +19,9 @@ from se3jax.model import SE3Transformer
 from se3jax.point_clouds import radius_graph
 from se3jax.testing import assert_equivariant, random_rotations, relative_error, rotate_features
 
+# one xdist worker runs this module: its tests share module-level fixtures and caches
+pytestmark = pytest.mark.xdist_group("test_trunk")
+
 NUM_POINTS = 14
 
 
