@@ -185,9 +185,11 @@ def test_cpu_plan_computes_the_unchunked_function(monkeypatch, small_batch):
     """The chunk ``auto`` picks on a CPU (here made small enough to split the batch in several
     chunks) gives the unchunked model's outputs and gradients: a plan choice, never a different
     function."""
-    monkeypatch.setattr(ex, "CPU_CHUNK_BYTES", 64 << 10)
-    model = SE3TransformerPooled(num_layers=1, num_channels=8, num_heads=2, execution=Execution(mode="infer"))
-    plan = conv_plan(Fiber.create(4, 8), Fiber.create(4, 8), FuseLevel.NONE, 3)
+    monkeypatch.setattr(ex, "CPU_CHUNK_BYTES", 16 << 10)
+    model = SE3TransformerPooled(
+        num_layers=1, num_degrees=2, num_channels=8, num_heads=2, execution=Execution(mode="infer")
+    )
+    plan = conv_plan(Fiber.create(2, 8), Fiber.create(2, 8), FuseLevel.NONE, 1)
     rows = small_batch.senders.shape[0] // 2
     chunk = ex.edge_chunk_rows(model.execution, rows, plan.n_weights, plan.max_group_row_weights, "cpu")
     assert chunk is not None and -(-rows // chunk) >= 2  # the plan really chunks this batch
