@@ -86,13 +86,15 @@ def train(
         padding_masks(g).nodes,
         node_graph_index(g),
     )
+
+    @jax.jit  # one compiled call: op by op, the radius graph and Flax's init compile every primitive
+    def init(clean, features, mask, index):
+        graph = radius_graph(clean, CUTOFF, MAX_NEIGHBOURS, mask=mask, segment_ids=index)
+        edges = edge_inputs(clean, graph.senders, graph.receivers, 1, mask=graph.mask)
+        return model().init(jax.random.PRNGKey(seed), {0: features[:, :, None]}, edges)
+
     clean, features, mask, index = fields(first)
-    graph0 = radius_graph(clean, CUTOFF, MAX_NEIGHBOURS, mask=mask, segment_ids=index)
-    params = jax.jit(model().init)(
-        jax.random.PRNGKey(seed),
-        {0: features[:, :, None]},
-        edge_inputs(clean, graph0.senders, graph0.receivers, 1, mask=graph0.mask),
-    )
+    params = init(clean, features, mask, index)
     optimizer = optax.adam(3e-3)
     opt_state = optimizer.init(params)
 

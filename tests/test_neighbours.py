@@ -83,12 +83,18 @@ def test_cell_list_matches_brute_force_over_images(name):
     assert graph_edges(host) == expected and int(host.overflow) == 0
 
 
+def compiled(builder, *args, **kwargs):
+    """``builder(*args, **kwargs)`` as one compiled program (op by op, every primitive compiles
+    on its own); the arguments are its constants, so a cell stays concrete."""
+    return jax.jit(lambda: builder(*args, **kwargs))()
+
+
 def test_open_cell_list_equals_the_all_pairs_builder_per_segment():
     rng = np.random.default_rng(7)
     points = (rng.normal(size=(50, 3)) * [6.0, 1.2, 1.2]).astype(np.float32)  # long, thin, unbounded
     mask, segments = np.arange(50) < 46, np.repeat([0, 1], 25)
-    dense = radius_graph(points, 1.8, 49, mask=mask, segment_ids=segments)
-    cells = cell_list_radius_graph(points, 1.8, 49, mask=mask, segment_ids=segments, bin_capacity=12)
+    dense = compiled(radius_graph, points, 1.8, 49, mask=mask, segment_ids=segments)
+    cells = compiled(cell_list_radius_graph, points, 1.8, 49, mask=mask, segment_ids=segments, bin_capacity=12)
     assert cells.shifts is None and int(cells.overflow) == 0 == int(dense.overflow)
     assert graph_edges(cells) == graph_edges(dense) == brute_force_edges(points, 1.8, mask=mask, segments=segments)
     assert len(graph_edges(cells)) > 20
@@ -99,11 +105,11 @@ def test_overflow_is_reported_for_small_budgets_and_full_bins():
     rng = np.random.default_rng(3)
     cell = np.eye(3) * 4.0
     points = rng.uniform(0, 4, size=(60, 3)).astype(np.float32)
-    fits = cell_list_radius_graph(points, 1.5, 40, cell=cell, pbc=True, bin_capacity=60)
+    fits = compiled(cell_list_radius_graph, points, 1.5, 40, cell=cell, pbc=True, bin_capacity=60)
     assert int(fits.overflow) == 0
-    few_neighbours = cell_list_radius_graph(points, 1.5, 4, cell=cell, pbc=True, bin_capacity=60)
+    few_neighbours = compiled(cell_list_radius_graph, points, 1.5, 4, cell=cell, pbc=True, bin_capacity=60)
     assert int(few_neighbours.overflow) > 0
-    small_bins = cell_list_radius_graph(points, 1.5, 40, cell=cell, pbc=True, bin_capacity=2)
+    small_bins = compiled(cell_list_radius_graph, points, 1.5, 40, cell=cell, pbc=True, bin_capacity=2)
     assert int(small_bins.overflow) > 0
     with pytest.raises(ValueError, match="overflowed by .* edges"):
         check_graph(small_bins)

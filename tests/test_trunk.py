@@ -27,7 +27,7 @@ NUM_POINTS = 14
 
 def cloud(seed=0, dtype=jnp.float64):
     points = jnp.asarray(np.random.default_rng(seed).normal(size=(NUM_POINTS, 3)) * 1.5, dtype)
-    graph = radius_graph(points, cutoff=3.0, max_neighbours=NUM_POINTS - 1)
+    graph = jax.jit(lambda p: radius_graph(p, cutoff=3.0, max_neighbours=NUM_POINTS - 1))(points)  # one program
     assert int(graph.overflow) == 0 and int(graph.mask.sum()) > 20
     return points, graph
 
