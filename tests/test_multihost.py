@@ -109,11 +109,18 @@ def runs(tmp_path_factory, qm9_subset_cache):
     tmp = tmp_path_factory.mktemp("multihost")
     one, one_records = launch(tmp, "one", qm9_subset_cache, processes=1, devices=4, overrides={"num_devices": 4})
     two, two_records = launch(tmp, "two", qm9_subset_cache, hang={1: 3})
-    hung = lambda: any(r["kind"] == "step" and r["step"] == 3 for r in read(two_records[1]))
+    ready = lambda: (
+        any(r["kind"] == "step" and r["step"] == 3 for r in read(two_records[1]))  # process 1 hangs
+        and 2 in finished_checkpoints(tmp / "two")
+    )
     deadline = time.time() + 600
-    while time.time() < deadline and not (hung() and 2 in finished_checkpoints(tmp / "two")):
+    while time.time() < deadline and not ready():
         assert all(p.poll() is None for p in two), finish(two)
         time.sleep(0.2)
+    if not ready():
+        for p in two + one:
+            p.kill()
+        pytest.fail(f"process 1 did not hang after step 3 with step 2 saved: {finish(two)}")
     two[1].send_signal(signal.SIGKILL)
     start = time.time()
     (survivor_code, survivor_err), _ = finish(two, timeout=120)

@@ -91,27 +91,29 @@ EXECUTIONS = [
 _OUTPUTS = {}  # the vector-fiber trunk's outputs per execution (references are shared)
 
 
+def vector_trunk(**execution) -> SE3Transformer:
+    """The scalars-and-vectors trunk under ``execution`` (se3jax.execution.Execution fields)."""
+    fiber_in, hidden, fiber_out, _ = FIBERS["scalars_and_vectors_to_vectors_and_tensors"]
+    return SE3Transformer(fiber_in, hidden, fiber_out, num_layers=2, num_heads=2, execution=Execution(**execution))
+
+
 @functools.cache
 def vector_trunk_inputs():
-    """The scalars-and-vectors trunk's float32 cloud, features, and parameters (initialised
-    once: every execution shares them)."""
-    fiber_in, hidden, fiber_out, max_degree = FIBERS["scalars_and_vectors_to_vectors_and_tensors"]
+    """Its float32 cloud, features, and parameters (initialised once: every execution shares them)."""
+    fiber_in, _, _, max_degree = FIBERS["scalars_and_vectors_to_vectors_and_tensors"]
     points, graph = cloud(dtype=jnp.float32)
     features = features_for(fiber_in, jnp.float32)
     edges = edge_inputs(points, graph.senders, graph.receivers, max_degree, mask=graph.mask)
-    params = jax.jit(SE3Transformer(fiber_in, hidden, fiber_out, num_layers=2, num_heads=2).init)(
-        jax.random.PRNGKey(0), features, edges
-    )
+    params = jax.jit(vector_trunk().init)(jax.random.PRNGKey(0), features, edges)
     return points, graph, features, params
 
 
 def vector_trunk_fn(execution: dict):
-    """The jitted (positions, features) -> outputs of the scalars-and-vectors trunk with
-    ``execution``, its parameters shared by every execution, and its inputs."""
-    fiber_in, hidden, fiber_out, max_degree = FIBERS["scalars_and_vectors_to_vectors_and_tensors"]
+    """The jitted (positions, features) -> outputs of the vector trunk with ``execution``, its
+    parameters shared by every execution, and its inputs."""
     points, graph, features, params = vector_trunk_inputs()
-    trunk = SE3Transformer(fiber_in, hidden, fiber_out, num_layers=2, num_heads=2, execution=Execution(**execution))
-    return trunk_fn(trunk, params, graph, max_degree), points, features
+    max_degree = FIBERS["scalars_and_vectors_to_vectors_and_tensors"][3]
+    return trunk_fn(vector_trunk(**execution), params, graph, max_degree), points, features
 
 
 def vector_trunk_outputs(execution: dict):
