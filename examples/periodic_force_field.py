@@ -1,5 +1,6 @@
 """A force field for a periodic box, learned from forces: the se3jax trunk (one scalar energy
-per atom, summed) on radius graphs that the cell list builds inside ``jit`` at every step,
+per atom, summed) on radius graphs built inside ``jit`` at every step (vesin on a CPU, the
+cell list on an accelerator: ``se3jax.neighbours.build_radius_graph``),
 with periodic image shifts in the edge vectors; forces are ``-dE/dx``, fitted to the forces of
 a Lennard-Jones argon crystal (ASE's calculator) shaken thermally. Needs ``ase``.
 
@@ -29,7 +30,7 @@ from ase.calculators.lj import LennardJones  # noqa: E402
 from se3jax.edges import edge_inputs  # noqa: E402
 from se3jax.fiber import Fiber  # noqa: E402
 from se3jax.model import SE3Transformer  # noqa: E402
-from se3jax.neighbours import cell_list_radius_graph  # noqa: E402
+from se3jax.neighbours import build_radius_graph  # noqa: E402
 from se3jax.testing import random_rotations, relative_error  # noqa: E402
 
 CUTOFF = 5.5  # A: first and second fcc shells (18 neighbours)
@@ -59,7 +60,7 @@ def argon_boxes(repeat: int, count: int, seed: int = 0):
 def energy(params, positions, cell):
     """The model's energy (eV) of one box; the graph is built here, under jit (from constant
     positions: the edge list is integers, no derivative flows through its construction)."""
-    graph = cell_list_radius_graph(
+    graph = build_radius_graph(
         jax.lax.stop_gradient(positions), CUTOFF, MAX_NEIGHBOURS, cell=cell, pbc=True, bin_capacity=24
     )
     edges = edge_inputs(positions, graph.senders, graph.receivers, 1, mask=graph.mask, shifts=graph.shifts, cell=cell)
@@ -78,9 +79,9 @@ def train(repeat: int = 3, steps: int = 150, configurations: int = 8, learning_r
     positions, reference, cell = argon_boxes(repeat, configurations)
     cell = jnp.asarray(cell)
 
-    @jax.jit  # one compiled call: op by op, the cell list and Flax's init compile every primitive
+    @jax.jit  # one compiled call: op by op, Flax's init compiles every primitive
     def first_graph_and_params(x):
-        graph = cell_list_radius_graph(x, CUTOFF, MAX_NEIGHBOURS, cell=cell, pbc=True, bin_capacity=24)
+        graph = build_radius_graph(x, CUTOFF, MAX_NEIGHBOURS, cell=cell, pbc=True, bin_capacity=24)
         edges = edge_inputs(x, graph.senders, graph.receivers, 1, mask=graph.mask, shifts=graph.shifts, cell=cell)
         return graph, model().init(jax.random.PRNGKey(0), {0: jnp.ones((x.shape[0], 1, 1))}, edges)
 

@@ -2,9 +2,10 @@
 with the graph built inside (under ``jit``, fixed shapes), on top of the explicit graph API
 (:class:`~se3jax.model.SE3Transformer` + :func:`~se3jax.edges.edge_inputs`).
 
-Radius graphs come from the cell list (:func:`se3jax.neighbours.cell_list_radius_graph`,
-``O(N)``, paired edges); k-nearest-neighbour graphs from the all-pairs builder
-(:func:`se3jax.point_clouds.knn_graph`, ``O(N^2)``: fine up to a few thousand points). A graph
+Radius graphs come from :func:`se3jax.neighbours.build_radius_graph` (``O(N)``, paired edges:
+vesin through a host callback on a CPU, the cell list on an accelerator); k-nearest-neighbour
+graphs from the all-pairs builder (:func:`se3jax.point_clouds.knn_graph`, ``O(N^2)``: fine up
+to a few thousand points). A graph
 that overflowed its budget, or coincident points, make every output NaN: loud, never a
 silently wrong answer (the graph is also sown as ``intermediates/graph`` for inspection:
 ``trunk.apply(params, ..., mutable="intermediates")``).
@@ -32,7 +33,7 @@ from se3jax.edges import edge_inputs
 from se3jax.execution import Execution
 from se3jax.fiber import Features, Fiber
 from se3jax.model import SE3Transformer
-from se3jax.neighbours import cell_list_radius_graph
+from se3jax.neighbours import build_radius_graph
 from se3jax.point_clouds import MIN_DISTANCE, knn_graph
 
 GRAPHS = ("knn", "radius")
@@ -42,8 +43,8 @@ class PointCloudTrunk(nn.Module):
     """:class:`~se3jax.model.SE3Transformer` on a graph it builds from ``coordinates``.
 
     ``graph="knn"``: each point receives edges from its ``k`` nearest points. ``graph="radius"``:
-    every pair closer than ``cutoff``, at most ``max_neighbours`` per point (``bin_capacity``
-    points per cell-list bin; see :func:`~se3jax.neighbours.cell_list_radius_graph`).
+    every pair closer than ``cutoff``, at most ``max_neighbours`` per point, from ``builder``
+    (``bin_capacity`` points per cell-list bin; see :func:`~se3jax.neighbours.build_radius_graph`).
     ``mask`` ``[N]`` marks real points (padding gets no edges and no influence); ``segment_ids``
     ``[N]`` keeps several clouds of one padded batch apart. The execution's ``paired_edges`` is
     set to match the graph (radius graphs are paired, k-NN graphs directed).
@@ -60,6 +61,7 @@ class PointCloudTrunk(nn.Module):
     cutoff: float = 0.0
     max_neighbours: int = 32
     bin_capacity: int | None = None
+    builder: str = "auto"
     execution: Execution = Execution()
 
     def build_graph(self, coordinates, mask=None, segment_ids=None):
@@ -69,9 +71,9 @@ class PointCloudTrunk(nn.Module):
         if self.graph == "radius":
             if self.cutoff <= 0:
                 raise ValueError(f"a radius graph needs cutoff > 0, got {self.cutoff}")
-            return cell_list_radius_graph(
+            return build_radius_graph(
                 coordinates, self.cutoff, self.max_neighbours, mask=mask, segment_ids=segment_ids,
-                bin_capacity=self.bin_capacity,
+                bin_capacity=self.bin_capacity, builder=self.builder,
             )  # fmt: skip
         raise ValueError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from se3jax.neighbours import cell_list_radius_graph, host_radius_graph
+from se3jax.neighbours import build_radius_graph, cell_list_radius_graph, host_radius_graph
 from se3jax.point_clouds import check_graph, radius_graph
 
 
@@ -126,3 +126,24 @@ def test_bad_inputs_are_clear_errors():
         cell_list_radius_graph(points, 1.0, 4, cell=np.eye(2), pbc=True)
     with pytest.raises(ValueError, match="singular"):
         cell_list_radius_graph(points, 1.0, 4, cell=np.diag([1.0, 1.0, 0.0]), pbc=True)
+
+
+def test_host_builder_inside_jit_finds_the_cell_lists_pairs():
+    """vesin through a host callback under jit (traced points, cell, mask and segments: what
+    build_radius_graph runs on a CPU) finds the cell list's pairs, with the fixed shapes."""
+    rng = np.random.default_rng(11)
+    cell = skewed(rng, [6.0, 5.0, 7.0])
+    points = (rng.uniform(-0.2, 1.2, size=(40, 3)) @ cell).astype(np.float32)
+    mask, segments = np.arange(40) < 37, np.repeat([0, 1], 20)
+    both = dict(pbc=True, mask=mask, segment_ids=segments)
+    host = jax.jit(lambda p, c, m, s: host_radius_graph(p, 1.7, 30, cell=c, pbc=True, mask=m, segment_ids=s))
+    graph = host(points, cell, mask, segments)
+    cells = compiled(cell_list_radius_graph, points, 1.7, 30, cell=cell, **both)
+    assert graph.senders.shape == cells.senders.shape == (40 * 30,) and graph.shifts.shape == (40 * 30, 3)
+    assert int(graph.overflow) == 0 == int(cells.overflow)
+    assert graph_edges(graph) == graph_edges(cells) == brute_force_edges(points, 1.7, cell, (True,) * 3, mask, segments)
+    assert np.isclose(float(graph.closest), float(cells.closest), rtol=1e-6)
+    assert int(host(points, cell, mask, np.zeros(40, int)).mask.sum()) > int(graph.mask.sum())  # segments apart
+    assert int(jax.jit(lambda p: host_radius_graph(p, 1.7, 3, cell=cell, pbc=True))(points).overflow) > 0
+    with pytest.raises(ValueError, match="builder must be one of"):
+        build_radius_graph(points, 1.7, 30, builder="vesin")
