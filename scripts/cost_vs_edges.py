@@ -4,7 +4,7 @@ model, forward and training step, on three kinds of graph of growing size.
     python3 scripts/cost_vs_edges.py --edges 1000 10000 100000 1000000 --out cost.json --plot cost.png
 
 Graphs: ``molecules`` (QM9-sized synthetic molecules batched, bond edges), ``cloud`` (one open
-point cloud, radius graph from the cell list, ~24 neighbours per point) and ``box`` (a
+point cloud, radius graph, ~24 neighbours per point) and ``box`` (a
 periodic box at water's density, 0.1 atoms/A^3, cutoff 3.5 A, ~18 neighbours, image shifts in
 the edge vectors). The graph is built once per size; each row times the compiled step (median
 of --steps after one warm-up), and reports XLA's memory analysis of the compiled step
@@ -12,6 +12,13 @@ of --steps after one warm-up), and reports XLA's memory analysis of the compiled
 order, so it is the largest size's). The QM9 model runs on ``molecules`` up to --qm9-max-edges.
 Prints a table, writes the rows as JSON (--out) and a log-log plot of time and memory per edge
 (--plot).
+
+With ``--reference`` (NVIDIA's ``DGLPyTorch/DrugDiscovery/SE3Transformer`` folder) and
+``--reference-python`` (a Python with torch, dgl and e3nn 0.3.3, as for
+``scripts/side_by_side.py``), NVIDIA's SE3Transformer with the trunk's fibers runs on the same
+graphs (its real edges; the edge vectors with their periodic images), forward and one backward
+pass, fp32, in its own process; every row then runs in its own process (``--isolate``) so that
+each peak RSS is that row's alone. The reference's code is run from its folder, never copied.
 """
 
 from __future__ import annotations
@@ -19,11 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from side_by_side import REFERENCE_PREAMBLE, thread_env  # scripts/, this folder
 
 from se3jax.benchmarking import memory_stats, peak_rss_bytes
 from se3jax.edges import edge_inputs
@@ -31,7 +43,7 @@ from se3jax.execution import Execution
 from se3jax.fiber import Fiber
 from se3jax.graphs import FEATURES, POSITIONS, padding_masks
 from se3jax.model import SE3Transformer, SE3TransformerPooled
-from se3jax.neighbours import cell_list_radius_graph
+from se3jax.neighbours import build_radius_graph
 from se3jax.testing import synthetic_batch
 
 EDGES_PER_MOLECULE = 38  # synthetic QM9-sized molecules: ~18 atoms, ~38 directed bond edges
@@ -59,7 +71,7 @@ def radius(num_edges: int, rng, periodic: bool):
     points = rng.uniform(0, side, size=(n, 3)).astype(np.float32)
     cell = np.eye(3) * side if periodic else None
     # a budget of ~2.2x the mean degree (the trunk computes on every budgeted edge, real or not)
-    graph = cell_list_radius_graph(points, cutoff, int(2.2 * neighbours), cell=cell, pbc=periodic, bin_capacity=48)
+    graph = build_radius_graph(points, cutoff, int(2.2 * neighbours), cell=cell, pbc=periodic, bin_capacity=48)
     if int(graph.overflow):
         raise RuntimeError(f"graph overflow {int(graph.overflow)}")
     return dict(
@@ -77,9 +89,14 @@ def graph_arguments(g) -> dict:
     return {k: g[k] for k in ("senders", "receivers", "mask", "shifts", "cell") if g[k] is not None}
 
 
+# The trunk: 2 attention layers (8 heads, channels_div 2), degrees 0-2 with 16 channels.
+TRUNK_FIBERS = ({0: 8, 1: 2}, (3, 16), {1: 1, 2: 1})
+
+
 def trunk_steps(g):
+    fiber_in, (degrees, channels), fiber_out = TRUNK_FIBERS
     trunk = SE3Transformer(
-        Fiber({0: 8, 1: 2}), Fiber.create(3, 16), Fiber({1: 1, 2: 1}), num_layers=2, execution=Execution()
+        Fiber(fiber_in), Fiber.create(degrees, channels), Fiber(fiber_out), num_layers=2, execution=Execution()
     )
     n = g["positions"].shape[0]
     features = {0: jnp.ones((n, 8, 1)), 1: jnp.zeros((n, 2, 3))}
@@ -108,6 +125,71 @@ def qm9_steps(g):
     return params, forward, jax.grad(loss), graphs
 
 
+# NVIDIA's SE3Transformer with the trunk's fibers on one graph: forward (inference mode) or
+# forward + backward of the same loss; prints one JSON line.
+REFERENCE_TRUNK_DRIVER = (
+    REFERENCE_PREAMBLE
+    + r"""
+from se3_transformer.model import Fiber, SE3Transformer
+
+path, mode, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+data = np.load(path)
+fiber_in, (degrees, channels), fiber_out = json.loads(str(data["fibers"]))
+graph = dgl.graph((torch.from_numpy(data["senders"]), torch.from_numpy(data["receivers"])),
+                  num_nodes=len(data["features_0"]))
+graph.edata["rel_pos"] = torch.from_numpy(data["rel_pos"])
+node_feats = {"0": torch.from_numpy(data["features_0"]), "1": torch.from_numpy(data["features_1"])}
+model = SE3Transformer(
+    num_layers=2, fiber_in=Fiber({int(k): v for k, v in fiber_in.items()}),
+    fiber_hidden=Fiber.create(degrees, channels), fiber_out=Fiber({int(k): v for k, v in fiber_out.items()}),
+    num_heads=8, channels_div=2, norm=True, use_layer_norm=True, tensor_cores=False, low_memory=False)
+def step():
+    if mode == "train":
+        model.zero_grad()
+        loss = sum((v ** 2).sum() for v in model(graph, node_feats).values())
+        loss.backward()
+        return loss.item()
+    with torch.inference_mode():
+        return sum(v.sum() for v in model(graph, node_feats).values()).item()
+step()
+times = []
+for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+print(json.dumps({"seconds": statistics.median(times),
+                  "peak_rss_bytes": peak_rss()}))
+"""
+)
+
+
+def run_reference(g, mode: str, steps: int, reference: Path, python: str, threads: int) -> dict:
+    """NVIDIA's trunk on graph ``g`` (real edges only) in its own process."""
+    real = np.asarray(g["mask"])
+    senders, receivers = np.asarray(g["senders"])[real], np.asarray(g["receivers"])[real]
+    x = np.asarray(g["positions"], np.float64)
+    rel_pos = x[receivers] - x[senders]
+    if g["shifts"] is not None:
+        rel_pos += np.asarray(g["shifts"])[real] @ np.asarray(g["cell"], np.float64)
+    n = len(x)
+    with tempfile.TemporaryDirectory() as tmp:
+        data, driver = Path(tmp) / "graph.npz", Path(tmp) / "reference_trunk_driver.py"
+        np.savez(
+            data, senders=senders.astype(np.int64), receivers=receivers.astype(np.int64),
+            rel_pos=rel_pos.astype(np.float32), features_0=np.ones((n, 8, 1), np.float32),
+            features_1=np.zeros((n, 2, 3), np.float32), fibers=json.dumps(TRUNK_FIBERS),
+        )  # fmt: skip
+        driver.write_text(REFERENCE_TRUNK_DRIVER)
+        env = {**thread_env(threads), "PYTHONPATH": str(reference)}
+        command = [python, str(driver), str(data), "train" if mode == "train" else "infer", str(steps), str(threads)]
+        done = subprocess.run(command, env=env, cwd=reference, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the reference failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def time_compiled(fn, args, steps: int):
     compiled = jax.jit(fn).lower(*args).compile()
     jax.block_until_ready(compiled(*args))
@@ -119,45 +201,93 @@ def time_compiled(fn, args, steps: int):
     return statistics.median(times), memory_stats(compiled)
 
 
+COLUMNS = ("model", "graph", "mode", "edges", "s/step", "us/edge", "XLA MB", "B/edge", "RSS MB")
+WIDTHS = (6, 9, 8, 9, 9, 8, 8, 8, 8)
+
+
+def print_row(row: dict) -> None:
+    xla = row.get("total_bytes", float("nan"))
+    values = (
+        row["model"], row["graph"], row["mode"], row["edges"], f"{row['seconds']:.4f}",
+        f"{row['seconds_per_edge'] * 1e6:.2f}", f"{xla / 1e6:.1f}", f"{xla / row['edges']:.0f}",
+        f"{row['peak_rss_bytes'] / 1e6:.0f}",
+    )  # fmt: skip
+    print(" ".join(f"{v:>{w}}" for v, w in zip(values, WIDTHS)), flush=True)
+
+
+def measure(num_edges: int, kind: str, modes, args) -> list[dict]:
+    """The rows of one graph (se3jax's trunk, the QM9 model, and NVIDIA's trunk if asked)."""
+    rng = np.random.default_rng([num_edges, ("molecules", "cloud", "box").index(kind)])
+    g = molecules(num_edges, rng) if kind == "molecules" else radius(num_edges, rng, kind == "box")
+    real_edges = int(jnp.sum(g["mask"]))
+    models = [("trunk", trunk_steps)]
+    if kind == "molecules" and num_edges <= args.qm9_max_edges:
+        models.append(("qm9", qm9_steps))
+    rows = []
+    for model_name, make in models:
+        params, forward, train, graph = make(g)
+        for mode in modes:
+            seconds, memory = time_compiled(
+                forward if mode == "forward" else train, (params, g["positions"], graph), args.steps
+            )
+            rows.append(
+                dict(
+                    model=model_name, graph=kind, mode=mode, edges=real_edges, padded_edges=int(g["mask"].shape[0]),
+                    seconds=seconds, seconds_per_edge=seconds / real_edges, peak_rss_bytes=peak_rss_bytes(), **memory,
+                )
+            )  # fmt: skip
+            rows[-1]["bytes_per_edge"] = rows[-1].get("total_bytes", float("nan")) / real_edges
+            print_row(rows[-1])
+    for mode in modes if args.reference else ():
+        done = run_reference(g, mode, args.steps, args.reference, args.reference_python, args.threads)
+        rows.append(
+            dict(
+                model="nvidia", graph=kind, mode=mode, edges=real_edges, seconds=done["seconds"],
+                seconds_per_edge=done["seconds"] / real_edges, peak_rss_bytes=done["peak_rss_bytes"],
+                bytes_per_edge=float("nan"),
+            )
+        )  # fmt: skip
+        print_row(rows[-1])
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edges", type=int, nargs="+", default=[1000, 3000, 10000, 30000])
     parser.add_argument("--graphs", nargs="+", default=["molecules", "cloud", "box"])
+    parser.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"])
     parser.add_argument("--qm9-max-edges", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--isolate", action="store_true", help="each graph and mode in its own process (own RSS)")
+    parser.add_argument("--reference", type=Path, help="NVIDIA's DGLPyTorch/DrugDiscovery/SE3Transformer folder")
+    parser.add_argument("--reference-python", help="a Python with torch, dgl and e3nn for the reference")
+    parser.add_argument("--threads", type=int, default=2, help="the reference's torch threads")
+    parser.add_argument("--rows-json", help=argparse.SUPPRESS)  # an --isolate child writes its rows here
     parser.add_argument("--out", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
+    if (args.reference is None) != (args.reference_python is None):
+        parser.error("--reference and --reference-python go together")
     rows = []
-    columns = ("model", "graph", "mode", "edges", "s/step", "us/edge", "XLA MB", "B/edge", "RSS MB")
-    header = " ".join(f"{c:>{w}}" for c, w in zip(columns, (6, 9, 8, 9, 9, 8, 8, 8, 8)))
-    print(header)
+    if not args.rows_json:
+        print(" ".join(f"{c:>{w}}" for c, w in zip(COLUMNS, WIDTHS)))
     for num_edges in sorted(args.edges):
         for kind in args.graphs:
-            g = molecules(num_edges, rng) if kind == "molecules" else radius(num_edges, rng, kind == "box")
-            real_edges = int(jnp.sum(g["mask"]))
-            models = [("trunk", trunk_steps)]
-            if kind == "molecules" and num_edges <= args.qm9_max_edges:
-                models.append(("qm9", qm9_steps))
-            for model_name, make in models:
-                params, forward, train, graph = make(g)
-                for mode, fn in (("forward", forward), ("train", train)):
-                    seconds, memory = time_compiled(fn, (params, g["positions"], graph), args.steps)
-                    row = dict(
-                        model=model_name, graph=kind, mode=mode, edges=real_edges, padded_edges=int(g["mask"].shape[0]),
-                        seconds=seconds, seconds_per_edge=seconds / real_edges, peak_rss_bytes=peak_rss_bytes(),
-                        **memory,
-                    )  # fmt: skip
-                    xla = row.get("total_bytes", float("nan"))
-                    row["bytes_per_edge"] = xla / real_edges
-                    rows.append(row)
-                    print(
-                        f"{model_name:>6} {kind:>9} {mode:>8} {real_edges:>9} {seconds:>9.4f} "
-                        f"{seconds / real_edges * 1e6:>8.2f} {xla / 1e6:>8.1f} {xla / real_edges:>8.0f} "
-                        f"{row['peak_rss_bytes'] / 1e6:>8.0f}",
-                        flush=True,
-                    )
+            if not (args.isolate or args.reference) or args.rows_json:
+                rows += measure(num_edges, kind, args.modes, args)
+                continue
+            for mode in args.modes:  # a child process per graph and mode: its peak RSS is its own
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = Path(tmp) / "rows.json"
+                    command = [sys.executable, __file__, "--edges", str(num_edges), "--graphs", kind, "--modes", mode]
+                    command += ["--steps", str(args.steps), "--qm9-max-edges", str(args.qm9_max_edges)]
+                    command += ["--rows-json", str(out), "--threads", str(args.threads)]
+                    if args.reference:
+                        command += ["--reference", str(args.reference), "--reference-python", args.reference_python]
+                    subprocess.run(command, check=True)
+                    rows += json.loads(out.read_text())
+    if args.rows_json:
+        Path(args.rows_json).write_text(json.dumps(rows))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(backend=jax.default_backend(), device=str(jax.devices()[0]), rows=rows), f, indent=1)
@@ -175,20 +305,20 @@ def plot(rows, path):
     series = sorted({(r["model"], r["graph"], r["mode"]) for r in rows})
     for key in series:
         pts = sorted(
-            (r["edges"], r["seconds_per_edge"] * 1e6, r["bytes_per_edge"])
+            (r["edges"], r["seconds_per_edge"] * 1e6, r["peak_rss_bytes"] / r["edges"])
             for r in rows
             if (r["model"], r["graph"], r["mode"]) == key
         )
         e = [p[0] for p in pts]
         axes[0].plot(e, [p[1] for p in pts], marker="o", label=" ".join(key))
         axes[1].plot(e, [p[2] for p in pts], marker="o", label=" ".join(key))
-    for ax, label in zip(axes, ("time per edge (us)", "XLA memory per edge (bytes)")):
+    for ax, label in zip(axes, ("time per edge (us)", "peak RSS per edge (bytes)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("edges")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"se3jax cost vs graph size ({jax.default_backend()})")
+    fig.suptitle(f"cost vs graph size ({jax.default_backend()}; nvidia: its reference, same graphs)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

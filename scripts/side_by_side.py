@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT))
 from se3jax.graphs import FEATURES, POSITIONS, padding_masks  # noqa: E402
 from se3jax.testing import synthetic_batch  # noqa: E402
 
-# Runs in the reference's Python, from its checkout: reads the batch, builds the model with the
-# QM9 settings of its scripts, times steps, prints one JSON line.
-REFERENCE_DRIVER = r"""
+# The start of every driver run in the reference's Python, from its checkout (also
+# scripts/cost_vs_edges.py's): imports torch and dgl as the reference needs them on a CPU.
+REFERENCE_PREAMBLE = r"""
 import contextlib, json, resource, statistics, sys, time, types
 import numpy as np
 
@@ -66,6 +66,17 @@ except (FileNotFoundError, ImportError):
     stub.__path__ = []
     sys.modules["dgl.graphbolt"] = stub
     import dgl
+
+def peak_rss():  # VmHWM: ru_maxrss survives exec and would report a larger parent's peak
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+"""
+
+# Reads the batch, builds the model with the QM9 settings of the reference's scripts, times
+# steps, prints one JSON line.
+REFERENCE_DRIVER = (
+    REFERENCE_PREAMBLE
+    + r"""
 from se3_transformer.model import Fiber, SE3TransformerPooled
 
 path, mode, steps, warmup, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -111,9 +122,10 @@ for _ in range(steps):
     times.append(time.perf_counter() - start)
 median = statistics.median(times)
 print(json.dumps({"molecules_per_s": len(data["n_node"]) / median, "step_s": median,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "peak_rss_bytes": peak_rss(),
                   "torch": torch.__version__, "dgl": dgl.__version__}))
 """
+)
 
 
 def write_batch(batch_size: int, seed: int, path: Path) -> int:

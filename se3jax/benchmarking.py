@@ -299,9 +299,15 @@ def release_freed_host_memory() -> None:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (Linux and macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    """This process's peak resident set size so far (Linux and macOS). On Linux from
+    ``VmHWM``: ``ru_maxrss`` survives ``exec``, so a child process would report its parent's
+    peak when that was larger."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def format_row(r: dict) -> str:
