@@ -43,8 +43,9 @@ class PointCloudTrunk(nn.Module):
     """:class:`~se3jax.model.SE3Transformer` on a graph it builds from ``coordinates``.
 
     ``graph="knn"``: each point receives edges from its ``k`` nearest points. ``graph="radius"``:
-    every pair closer than ``cutoff``, at most ``max_neighbours`` per point, from ``builder``
-    (``bin_capacity`` points per cell-list bin; see :func:`~se3jax.neighbours.build_radius_graph`).
+    every pair closer than ``cutoff``, at most ``max_neighbours`` per point and ``max_edges`` in
+    all (default: ``max_neighbours`` per point), from ``builder`` (``bin_capacity`` points per
+    cell-list bin; see :func:`~se3jax.neighbours.build_radius_graph`).
     ``mask`` ``[N]`` marks real points (padding gets no edges and no influence); ``segment_ids``
     ``[N]`` keeps several clouds of one padded batch apart. The execution's ``paired_edges`` is
     set to match the graph (radius graphs are paired, k-NN graphs directed).
@@ -62,6 +63,7 @@ class PointCloudTrunk(nn.Module):
     max_neighbours: int = 32
     bin_capacity: int | None = None
     builder: str = "auto"
+    max_edges: int | None = None
     execution: Execution = Execution()
 
     def build_graph(self, coordinates, mask=None, segment_ids=None):
@@ -73,7 +75,7 @@ class PointCloudTrunk(nn.Module):
                 raise ValueError(f"a radius graph needs cutoff > 0, got {self.cutoff}")
             return build_radius_graph(
                 coordinates, self.cutoff, self.max_neighbours, mask=mask, segment_ids=segment_ids,
-                bin_capacity=self.bin_capacity, builder=self.builder,
+                bin_capacity=self.bin_capacity, builder=self.builder, max_edges=self.max_edges,
             )  # fmt: skip
         raise ValueError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
 

@@ -147,3 +147,23 @@ def test_host_builder_inside_jit_finds_the_cell_lists_pairs():
     assert int(jax.jit(lambda p: host_radius_graph(p, 1.7, 3, cell=cell, pbc=True))(points).overflow) > 0
     with pytest.raises(ValueError, match="builder must be one of"):
         build_radius_graph(points, 1.7, 30, builder="vesin")
+
+
+def test_a_total_edge_budget_pads_to_it_and_reports_what_did_not_fit():
+    """``max_edges``: the output holds that many edges (not N * max_neighbours), pairs beyond it
+    are counted in the overflow, in both builders."""
+    rng = np.random.default_rng(5)
+    cell = np.eye(3) * 5.0
+    points = rng.uniform(0, 5, size=(30, 3)).astype(np.float32)
+    expected = brute_force_edges(points, 1.5, cell, (True,) * 3)
+    exact, short = len(expected), len(expected) - 6
+    for build in (
+        lambda **k: compiled(cell_list_radius_graph, points, 1.5, 30, cell=cell, pbc=True, **k),
+        lambda **k: host_radius_graph(points, 1.5, 30, cell=cell, pbc=True, **k),
+    ):
+        fits = build(max_edges=exact)
+        assert fits.senders.shape == (exact,) and int(fits.overflow) == 0 and graph_edges(fits) == expected
+        cut = build(max_edges=short)
+        assert cut.senders.shape == (short,) and int(cut.overflow) == 6 and graph_edges(cut) < expected
+    with pytest.raises(ValueError, match="max_edges must be at least 2"):
+        host_radius_graph(points, 1.5, 30, cell=cell, pbc=True, max_edges=1)
