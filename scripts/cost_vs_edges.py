@@ -305,7 +305,7 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     series = sorted({(r["model"], r["graph"], r["mode"]) for r in rows})
     for key in series:
         pts = sorted(
@@ -314,16 +314,18 @@ def plot(rows, path):
             if (r["model"], r["graph"], r["mode"]) == key
         )
         e = [p[0] for p in pts]
-        axes[0].plot(e, [p[1] for p in pts], marker="o", label=" ".join(key))
-        axes[1].plot(e, [p[2] for p in pts], marker="o", label=" ".join(key))
+        label = " ".join(("se3jax " + key[0] if key[0] != "nvidia" else "NVIDIA", *key[1:]))
+        style = dict(marker="o", linestyle="--" if key[0] == "nvidia" else "-")
+        axes[0].plot(e, [p[1] for p in pts], label=label, **style)
+        axes[1].plot(e, [p[2] for p in pts], **style)
     for ax, label in zip(axes, ("time per edge (us)", "peak RSS per edge (bytes)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("edges")
         ax.set_ylabel(label)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"cost vs graph size ({jax.default_backend()}; nvidia: its reference, same graphs)")
-    fig.tight_layout()
+    fig.legend(fontsize=7, loc="center right")
+    fig.suptitle(f"cost vs graph size ({jax.default_backend()}; NVIDIA: its reference on the same graphs)")
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path, dpi=100)
 
 
