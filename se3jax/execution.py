@@ -8,7 +8,7 @@ One frozen :class:`Execution` travels down the model (passed by keyword to every
 - the **fusion level** of each convolution (:func:`resolve_fuse_level`), from a preference per
   backend and mode (training or inference);
 - the **edge chunk** (:func:`edge_chunk_rows`): on a CPU, a chunk's radial weights of the whole
-  layer fit a cache-sized budget (:func:`cpu_chunk_bytes`); on a GPU, edges are not chunked
+  layer fit a cache-sized budget, three times it in training (:func:`cpu_chunk_bytes`); on a GPU, edges are not chunked
   unless one layer's per-edge radial weights would exceed ``radial_memory_mb`` (then the fewest
   even chunks that fit);
 - whether the radial weights are **stored or recomputed** for the backward pass
@@ -213,11 +213,19 @@ def resolve_fuse_level(
 # stay in cache, not one group. Measured on the 2-core Zen 4 (32 MB L3, 1 MB L2 per core) with
 # `scripts/benchmark.py --rounds 3` (settings timed round-robin; other processes kept the load
 # near 20, so only the ratios mean something): inference at batch 100 by chunk (edges): 128, 256,
-# 384 -> 11.1-11.2 mol/s, 512 -> 10.5, 1,024 -> 8.4, 2,080 (the rule before) -> 6.7; training:
-# 256 -> 2.3, 512 -> 2.2, 1,024 -> 1.6, 2,112 -> 2.0. The rule gives 352 edges at batch 100,
-# 368 at 240 and above. Caches larger than the measured one are not extrapolated to: a big
-# server L3 is shared by many cores.
+# 384 -> 11.1-11.2 mol/s, 512 -> 10.5, 1,024 -> 8.4, 2,080 (the rule before) -> 6.7. The rule
+# gives 352 edges at batch 100, 368 at 240 and above (alone: batch 240 58.5 mol/s, the fastest
+# of 128/256/368/1,024). Training takes CPU_TRAIN_CHUNK_FACTOR times more (below). Caches
+# larger than the measured one are not extrapolated to: a big server L3 is shared by many cores.
 CPU_CHUNK_BYTES = 32 << 20
+# Training takes chunks this many times larger: each chunk also pays a fixed cost in the
+# backward pass (the scan step that recomputes its weights, the radial network's parameter
+# gradients summed over chunks), which larger chunks amortise. Measured alone on the 2-core
+# Zen 4, fp32, `scripts/benchmark.py --mode train --rounds ...` (auto with the factor / the
+# inference-sized rule / others, mol/s): batch 100: 22.8 (1,040 edges) / 18.6 (352) / 17.4
+# (1,024, last chunk mostly padding) / 15.4 (2,048); batch 240: 1,024-edge chunks 15.5 against
+# 13.2 with the inference-sized rule; batch 1000: 22.4 (1,088) / 16.4 (368) / 21.3 (2,048).
+CPU_TRAIN_CHUNK_FACTOR = 3
 # GPU: the per-layer radial weights stay unchunked up to this share of the device's memory
 # (H200, 141 GB: 3.5 GB training / 7 GB inference; H100, 80 GB: 2 GB / 4 GB). Chunks cost
 # speed: training at batch 1000 in bf16 (1.9 GB of weights per layer) measured 16,466 mol/s
@@ -261,10 +269,10 @@ def last_level_cache_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> 
     return max(sizes) if sizes else _FALLBACK_CACHE_BYTES
 
 
-def cpu_chunk_bytes() -> int:
-    """The most bytes of radial weights one edge chunk may take on a CPU (``CPU_CHUNK_BYTES``,
-    or the last-level cache if smaller)."""
-    return min(CPU_CHUNK_BYTES, last_level_cache_bytes())
+def cpu_chunk_bytes(mode: str = "infer") -> int:
+    """The most bytes of radial weights one edge chunk may take on a CPU: ``CPU_CHUNK_BYTES``
+    or the last-level cache if smaller, ``CPU_TRAIN_CHUNK_FACTOR`` times that in training."""
+    return min(CPU_CHUNK_BYTES, last_level_cache_bytes()) * (CPU_TRAIN_CHUNK_FACTOR if mode == "train" else 1)
 
 
 @functools.cache
@@ -292,7 +300,7 @@ def edge_chunk_rows(
     if execution.edge_chunk:
         rows = execution.edge_chunk // 2 if execution.paired_edges else execution.edge_chunk
     elif backend_kind(backend) == "cpu":
-        rows = _even_rows(num_rows, _round_rows(cpu_chunk_bytes() / shrink / (row_weights * itemsize)))
+        rows = _even_rows(num_rows, _round_rows(cpu_chunk_bytes(execution.mode) / shrink / (row_weights * itemsize)))
     else:
         budget = (
             execution.radial_memory_mb * (1 << 20)

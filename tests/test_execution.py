@@ -66,32 +66,35 @@ def test_levels_the_fibers_cannot_do_fall_back_to_the_widest_allowed():
 def test_cpu_chunks_are_even_and_sized_to_the_cache_budget(monkeypatch):
     monkeypatch.setattr(ex, "last_level_cache_bytes", lambda: 32 << 20)
     plan = conv_plan(HIDDEN, HIDDEN, FuseLevel.NONE, 3)
-    budget = ex.cpu_chunk_bytes()
+    budget = ex.cpu_chunk_bytes("infer")
+    assert budget == 32 << 20 and ex.cpu_chunk_bytes("train") == ex.CPU_TRAIN_CHUNK_FACTOR * budget
     row_bytes = plan.n_weights * 4  # every path's radial weights of one bond, float32
 
-    def rows(execution, num_rows=5000):
+    def rows(num_rows=5000, **options):
+        execution = Execution(**{"mode": "infer", **options})
         return ex.edge_chunk_rows(execution, num_rows, plan.n_weights, plan.max_group_row_weights, "cpu")
 
-    fp32 = rows(Execution())
+    fp32 = rows()
     chunks = -(-5000 // fp32)
     # the fewest chunks whose radial weights fit the budget, evenly sized (a multiple of 8 rows)
     assert fp32 * row_bytes <= budget and fp32 % 8 == 0
     assert -(-5000 // (chunks - 1)) > budget // row_bytes // 8 * 8  # one chunk fewer would not fit
     assert chunks * fp32 - 5000 < 8 * chunks  # no mostly-padding last chunk
     # bf16 halves the bytes per row: about twice the rows; low-memory halves the budget
-    assert rows(Execution(precision="bf16")) * row_bytes // 2 <= budget < rows(Execution(precision="bf16")) * row_bytes
-    assert rows(Execution(low_memory=True)) * row_bytes <= budget // 2 < rows(Execution()) * row_bytes
-    # the same in both modes (measured: the best chunk of training and inference agree)
-    assert rows(Execution(mode="infer")) == fp32
+    assert rows(precision="bf16") * row_bytes // 2 <= budget < rows(precision="bf16") * row_bytes
+    assert rows(low_memory=True) * row_bytes <= budget // 2 < fp32 * row_bytes
+    # training: chunks fitting CPU_TRAIN_CHUNK_FACTOR times the budget (measured faster)
+    train = rows(mode="train")
+    assert train * row_bytes <= ex.cpu_chunk_bytes("train") and train > 2 * fp32
     # a batch that fits one chunk is not chunked
-    assert rows(Execution(), num_rows=fp32 // 2) is None
+    assert rows(num_rows=fp32 // 2) is None
 
 
 def test_cpu_chunk_budget_follows_the_cache_up_to_the_measured_size(monkeypatch):
     monkeypatch.setattr(ex, "last_level_cache_bytes", lambda: 4 << 20)
-    assert ex.cpu_chunk_bytes() == 4 << 20  # a small cache: the chunk fits it
+    assert ex.cpu_chunk_bytes("infer") == 4 << 20  # a small cache: the chunk fits it
     monkeypatch.setattr(ex, "last_level_cache_bytes", lambda: 256 << 20)
-    assert ex.cpu_chunk_bytes() == ex.CPU_CHUNK_BYTES  # a big server L3 is shared: not extrapolated
+    assert ex.cpu_chunk_bytes("infer") == ex.CPU_CHUNK_BYTES  # a big server L3 is shared: not extrapolated
 
 
 def test_gpu_chunks_only_above_the_memory_cap(monkeypatch):
@@ -191,8 +194,11 @@ def test_cpu_plan_computes_the_unchunked_function(monkeypatch, small_batch):
     )
     plan = conv_plan(Fiber.create(2, 8), Fiber.create(2, 8), FuseLevel.NONE, 1)
     rows = small_batch.senders.shape[0] // 2
-    chunk = ex.edge_chunk_rows(model.execution, rows, plan.n_weights, plan.max_group_row_weights, "cpu")
-    assert chunk is not None and -(-rows // chunk) >= 2  # the plan really chunks this batch
+    for mode in ("infer", "train"):  # the plan really chunks this batch in both modes
+        chunk = ex.edge_chunk_rows(
+            model.execution.for_mode(mode), rows, plan.n_weights, plan.max_group_row_weights, "cpu"
+        )
+        assert chunk is not None and -(-rows // chunk) >= 2, mode
     params = jax.jit(model.init)(jax.random.PRNGKey(0), small_batch)
     unchunked = model.clone(execution=model.execution.replace(edge_chunk=1 << 30))
     outputs = [jax.jit(m.apply)(params, small_batch) for m in (model, unchunked)]
