@@ -354,7 +354,7 @@ def build_radius_graph(
 ) -> PointCloudGraph:  # fmt: skip
     """A radius graph, inside ``jit`` or not, from the builder measured fastest on the default
     backend (``builder="auto"``): :func:`host_radius_graph` on a CPU (vesin, also inside ``jit``
-    as a host callback; 10^5 points at water density: 0.6 s against 2.4 s for the cell list,
+    as a host callback; 10^5 points at water density: 0.54 s against 2.9 s for the cell list,
     2-core CPU, ``scripts/neighbour_lists.py``), :func:`cell_list_radius_graph` on an
     accelerator (the graph never leaves the device). ``"cell_list"`` or ``"host"`` force one;
     ``bin_capacity`` is the cell list's."""
