@@ -21,7 +21,8 @@ density 0.1 atoms/A^3, cutoff 5 A, ~52 neighbours per atom; see the README):
 - :func:`se3jax.point_clouds.radius_graph` (all pairs, ``[N, N]``, no periodic images) for
   small open sets (0.02 s at 10^3 points, 2.3 s at 10^4).
 
-:func:`build_radius_graph` picks the first two by backend.
+:func:`build_radius_graph` picks the first two by backend (:func:`resolve_builder`);
+:func:`build_knn_graph` likewise a k-d tree on the host or all pairs on the device.
 
 >>> import numpy as np
 >>> cell = np.eye(3) * 3.0
@@ -43,9 +44,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.spatial
 import vesin
 
-from se3jax.point_clouds import PointCloudGraph
+from se3jax.point_clouds import PointCloudGraph, knn_graph
 
 # Spatial hashing primes (Teschner et al. 2003): bins of unbounded integer coordinates map to
 # a fixed table; bins sharing a bucket are told apart by an exact coordinate comparison.
@@ -345,28 +347,91 @@ def _vesin_graph(points, cell, mask, segment_ids, *, cutoff, max_neighbours, bud
     return senders, receivers, edge_mask, overflow, closest, shifts
 
 
-BUILDERS = ("auto", "cell_list", "host")
+BUILDERS = ("auto", "host", "device")
+
+
+def resolve_builder(builder: str = "auto") -> str:
+    """Where a graph is built: ``host`` (vesin radius graphs, a k-d tree for k-NN; inside
+    ``jit`` as host callbacks) or ``device`` (the cell list; all pairs for k-NN). ``auto``: the
+    host on a CPU, where it is the fastest (``scripts/neighbour_lists.py``), the device on an
+    accelerator (the points never travel)."""
+    if builder not in BUILDERS:
+        raise ValueError(f"builder must be one of {BUILDERS}, got {builder!r}")
+    if builder == "auto":
+        return "host" if jax.default_backend() == "cpu" else "device"
+    return builder
 
 
 def build_radius_graph(
     points, cutoff: float, max_neighbours: int, cell=None, pbc=False, mask=None, segment_ids=None,
     bin_capacity: int | None = None, builder: str = "auto", max_edges: int | None = None,
 ) -> PointCloudGraph:  # fmt: skip
-    """A radius graph, inside ``jit`` or not, from the builder measured fastest on the default
-    backend (``builder="auto"``): :func:`host_radius_graph` on a CPU (vesin, also inside ``jit``
-    as a host callback; 10^5 points at water density: 0.54 s against 2.9 s for the cell list,
-    2-core CPU, ``scripts/neighbour_lists.py``), :func:`cell_list_radius_graph` on an
-    accelerator (the graph never leaves the device). ``"cell_list"`` or ``"host"`` force one;
-    ``bin_capacity`` is the cell list's."""
-    if builder not in BUILDERS:
-        raise ValueError(f"builder must be one of {BUILDERS}, got {builder!r}")
-    if builder == "auto":
-        builder = "host" if jax.default_backend() == "cpu" else "cell_list"
-    if builder == "host":
+    """A radius graph, inside ``jit`` or not, built where :func:`resolve_builder` says:
+    :func:`host_radius_graph` on a CPU (vesin; 10^5 points at water density: 0.54 s inside
+    ``jit`` against 2.9 s for the cell list, 2-core CPU), :func:`cell_list_radius_graph` on an
+    accelerator. ``bin_capacity`` is the cell list's."""
+    if resolve_builder(builder) == "host":
         return host_radius_graph(points, cutoff, max_neighbours, cell, pbc, mask, segment_ids, max_edges)
     return cell_list_radius_graph(
         points, cutoff, max_neighbours, cell, pbc, mask, segment_ids, bin_capacity, max_edges=max_edges
     )
+
+
+def build_knn_graph(points, k: int, mask=None, segment_ids=None, builder: str = "auto") -> PointCloudGraph:
+    """The k-nearest-neighbour graph of :func:`se3jax.point_clouds.knn_graph` (the same layout),
+    built where :func:`resolve_builder` says: on the host a k-d tree (``scipy``, ``O(N log N)``,
+    inside ``jit`` as a host callback), on the device all pairs (``O(N^2)``)."""
+    if resolve_builder(builder) == "device":
+        return knn_graph(points, k, mask, segment_ids)
+    n = np.shape(points)[0]
+    if np.ndim(points) != 2 or np.shape(points)[1] != 3:
+        raise ValueError(f"points must be [N, 3], got {tuple(np.shape(points))}")
+    if not 0 < k < n:
+        raise ValueError(f"k must be in [1, {n - 1}] for {n} points, got {k}")
+    search = functools.partial(_knn_on_host, k=k)
+    inputs = (points, mask, segment_ids)
+    if not any(isinstance(x, jax.core.Tracer) for x in inputs):
+        return PointCloudGraph(*search(*(None if x is None else np.asarray(x) for x in inputs)))
+    dtype = jnp.asarray(points).dtype if jnp.issubdtype(jnp.asarray(points).dtype, jnp.floating) else jnp.float32
+    shapes = [
+        jax.ShapeDtypeStruct((n * k,), jnp.int32),
+        jax.ShapeDtypeStruct((n * k,), jnp.int32),
+        jax.ShapeDtypeStruct((n * k,), jnp.bool_),
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((), dtype),
+    ]
+
+    def on_host(points, mask, segment_ids):
+        graph = search(*(None if x is None else np.asarray(x) for x in (points, mask, segment_ids)))
+        return tuple(np.asarray(x, s.dtype) for x, s in zip(graph, shapes))
+
+    operands = [None if x is None else jax.lax.stop_gradient(jnp.asarray(x)) for x in inputs]
+    return PointCloudGraph(*jax.pure_callback(on_host, shapes, *operands, vmap_method="sequential"))
+
+
+def _knn_on_host(points, mask, segment_ids, *, k):
+    """The fields of :func:`build_knn_graph`'s graph (numpy), one k-d tree per segment."""
+    points = np.asarray(points, np.float64)
+    n = len(points)
+    valid = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
+    segments = np.zeros(n, np.int64) if segment_ids is None else np.asarray(segment_ids)
+    senders, real = np.zeros((n, k), np.int32), np.zeros((n, k), bool)
+    closest = np.inf
+    for segment in np.unique(segments[valid]):
+        members = np.flatnonzero(valid & (segments == segment))
+        found = min(k, len(members) - 1)
+        if found < 1:
+            continue
+        distance, nearest = scipy.spatial.cKDTree(points[members]).query(points[members], k=found + 1)
+        # drop each point itself (not necessarily first among coincident points; else the farthest)
+        itself = nearest == np.arange(len(members))[:, None]
+        itself[~itself.any(axis=1), -1] = True
+        keep = np.argsort(itself, axis=1, kind="stable")[:, :found]
+        nearest, distance = np.take_along_axis(nearest, keep, 1), np.take_along_axis(distance, keep, 1)
+        senders[members, :found], real[members, :found] = members[nearest], True
+        closest = min(closest, float(distance.min()))
+    receivers = np.repeat(np.arange(n, dtype=np.int32), k)
+    return senders.reshape(-1), receivers, real.reshape(-1), np.int32(0), np.float64(closest)
 
 
 def _budget_pairs(num_points: int, max_neighbours: int, max_edges: int | None) -> int:

@@ -3,9 +3,9 @@ with the graph built inside (under ``jit``, fixed shapes), on top of the explici
 (:class:`~se3jax.model.SE3Transformer` + :func:`~se3jax.edges.edge_inputs`).
 
 Radius graphs come from :func:`se3jax.neighbours.build_radius_graph` (``O(N)``, paired edges:
-vesin through a host callback on a CPU, the cell list on an accelerator); k-nearest-neighbour
-graphs from the all-pairs builder (:func:`se3jax.point_clouds.knn_graph`, ``O(N^2)``: fine up
-to a few thousand points). A graph
+vesin through a host callback on a CPU, the cell list on an accelerator), k-nearest-neighbour
+graphs from :func:`se3jax.neighbours.build_knn_graph` (a k-d tree through a host callback on a
+CPU, ``O(N log N)``; all pairs on an accelerator, ``O(N^2)``: fine up to a few thousand points). A graph
 that overflowed its budget, or coincident points, make every output NaN: loud, never a
 silently wrong answer (the graph is also sown as ``intermediates/graph`` for inspection:
 ``trunk.apply(params, ..., mutable="intermediates")``).
@@ -33,8 +33,8 @@ from se3jax.edges import edge_inputs
 from se3jax.execution import Execution
 from se3jax.fiber import Features, Fiber
 from se3jax.model import SE3Transformer
-from se3jax.neighbours import build_radius_graph
-from se3jax.point_clouds import MIN_DISTANCE, knn_graph
+from se3jax.neighbours import build_knn_graph, build_radius_graph
+from se3jax.point_clouds import MIN_DISTANCE
 
 GRAPHS = ("knn", "radius")
 
@@ -44,8 +44,9 @@ class PointCloudTrunk(nn.Module):
 
     ``graph="knn"``: each point receives edges from its ``k`` nearest points. ``graph="radius"``:
     every pair closer than ``cutoff``, at most ``max_neighbours`` per point and ``max_edges`` in
-    all (default: ``max_neighbours`` per point), from ``builder`` (``bin_capacity`` points per
-    cell-list bin; see :func:`~se3jax.neighbours.build_radius_graph`).
+    all (default: ``max_neighbours`` per point; ``bin_capacity`` points per cell-list bin; see
+    :func:`~se3jax.neighbours.build_radius_graph`). ``builder``: where either graph is built
+    (:func:`~se3jax.neighbours.resolve_builder`: ``auto``, ``host`` or ``device``).
     ``mask`` ``[N]`` marks real points (padding gets no edges and no influence); ``segment_ids``
     ``[N]`` keeps several clouds of one padded batch apart. The execution's ``paired_edges`` is
     set to match the graph (radius graphs are paired, k-NN graphs directed).
@@ -69,7 +70,7 @@ class PointCloudTrunk(nn.Module):
     def build_graph(self, coordinates, mask=None, segment_ids=None):
         """The fixed-shape graph of ``coordinates`` (a :class:`~se3jax.point_clouds.PointCloudGraph`)."""
         if self.graph == "knn":
-            return knn_graph(coordinates, self.k, mask=mask, segment_ids=segment_ids)
+            return build_knn_graph(coordinates, self.k, mask=mask, segment_ids=segment_ids, builder=self.builder)
         if self.graph == "radius":
             if self.cutoff <= 0:
                 raise ValueError(f"a radius graph needs cutoff > 0, got {self.cutoff}")

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from se3jax.neighbours import build_radius_graph, cell_list_radius_graph, host_radius_graph
-from se3jax.point_clouds import check_graph, radius_graph
+from se3jax.neighbours import build_knn_graph, build_radius_graph, cell_list_radius_graph, host_radius_graph
+from se3jax.point_clouds import check_graph, knn_graph, radius_graph
 
 
 def brute_force_edges(points, cutoff, cell=None, pbc=(False, False, False), mask=None, segments=None):
@@ -167,3 +167,27 @@ def test_a_total_edge_budget_pads_to_it_and_reports_what_did_not_fit():
         assert cut.senders.shape == (short,) and int(cut.overflow) == 6 and graph_edges(cut) < expected
     with pytest.raises(ValueError, match="max_edges must be at least 2"):
         host_radius_graph(points, 1.5, 30, cell=cell, pbc=True, max_edges=1)
+
+
+def test_host_knn_graph_is_the_all_pairs_knn_graph():
+    """The k-d tree on the host (concrete, and inside jit with a traced mask and segments) gives
+    knn_graph's graph exactly: the same senders in the same rows (nearest first), the same mask
+    (a segment with fewer than k other points gets only those) and closest distance; a point
+    coincident with another is never its own neighbour."""
+    rng = np.random.default_rng(2)
+    points = rng.normal(size=(40, 3)).astype(np.float32) * 2
+    mask = np.arange(40) < 38
+    segments = np.repeat([0, 1, 2], [20, 15, 5])  # segment 2: 3 real points, fewer than k others
+    expected = compiled(knn_graph, points, 6, mask=mask, segment_ids=segments)
+    host = build_knn_graph(points, 6, mask=mask, segment_ids=segments, builder="host")
+    traced = jax.jit(lambda p, m, s: build_knn_graph(p, 6, mask=m, segment_ids=s, builder="host"))
+    for graph in (host, traced(points, mask, segments)):
+        m = np.asarray(expected.mask)
+        assert np.array_equal(np.asarray(graph.mask), m) and 0 < m.sum() < m.size
+        assert np.array_equal(np.asarray(graph.senders)[m], np.asarray(expected.senders)[m])
+        assert np.array_equal(np.asarray(graph.receivers), np.asarray(expected.receivers))
+        assert np.isclose(float(graph.closest), float(expected.closest), rtol=1e-6)
+    twins = np.concatenate([points[:10], points[:1]])  # point 10 sits on point 0
+    g = build_knn_graph(twins, 3, builder="host")
+    senders = np.asarray(g.senders).reshape(11, 3)
+    assert all(p not in senders[p] for p in range(11)) and 10 in senders[0] and float(g.closest) == 0.0
