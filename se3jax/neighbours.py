@@ -284,26 +284,31 @@ def host_radius_graph(
     search = functools.partial(
         _vesin_graph, cutoff=cutoff, max_neighbours=max_neighbours, budget_pairs=budget_pairs, pbc=pbc
     )
-    inputs = (points, cell, mask, segment_ids)
+    return _graph_on_host(search, (points, cell, mask, segment_ids), 2 * budget_pairs, periodic=cell is not None)
+
+
+def _graph_on_host(search, inputs, edges: int, periodic: bool = False) -> PointCloudGraph:
+    """``search(*inputs)`` (numpy, returning a :class:`PointCloudGraph`'s fields) on concrete
+    inputs, or, if any input is traced, as a host callback with the graph's fixed shapes
+    (``edges`` edges; shifts if ``periodic``); the inputs are not differentiated through."""
     if not any(isinstance(x, jax.core.Tracer) for x in inputs):
         return PointCloudGraph(*search(*(None if x is None else np.asarray(x) for x in inputs)))
-    dtype = jnp.asarray(points).dtype if jnp.issubdtype(jnp.asarray(points).dtype, jnp.floating) else jnp.float32
-    edges = 2 * budget_pairs
+    points_dtype = jnp.asarray(inputs[0]).dtype
+    dtype = points_dtype if jnp.issubdtype(points_dtype, jnp.floating) else jnp.float32
     shapes = [
         jax.ShapeDtypeStruct((edges,), jnp.int32),
         jax.ShapeDtypeStruct((edges,), jnp.int32),
         jax.ShapeDtypeStruct((edges,), jnp.bool_),
         jax.ShapeDtypeStruct((), jnp.int32),
         jax.ShapeDtypeStruct((), dtype),
-    ] + ([] if cell is None else [jax.ShapeDtypeStruct((edges, 3), jnp.int32)])
+    ] + ([jax.ShapeDtypeStruct((edges, 3), jnp.int32)] if periodic else [])
 
-    def on_host(points, cell, mask, segment_ids):
-        graph = search(*(None if x is None else np.asarray(x) for x in (points, cell, mask, segment_ids)))
+    def on_host(*arrays):
+        graph = search(*(None if x is None else np.asarray(x) for x in arrays))
         return tuple(np.asarray(x, s.dtype) for x, s in zip(graph, shapes))
 
     operands = [None if x is None else jax.lax.stop_gradient(jnp.asarray(x)) for x in inputs]
-    out = jax.pure_callback(on_host, shapes, *operands, vmap_method="sequential")
-    return PointCloudGraph(*out)
+    return PointCloudGraph(*jax.pure_callback(on_host, shapes, *operands, vmap_method="sequential"))
 
 
 def _vesin_graph(points, cell, mask, segment_ids, *, cutoff, max_neighbours, budget_pairs, pbc):
@@ -388,25 +393,7 @@ def build_knn_graph(points, k: int, mask=None, segment_ids=None, builder: str = 
         raise ValueError(f"points must be [N, 3], got {tuple(np.shape(points))}")
     if not 0 < k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} points, got {k}")
-    search = functools.partial(_knn_on_host, k=k)
-    inputs = (points, mask, segment_ids)
-    if not any(isinstance(x, jax.core.Tracer) for x in inputs):
-        return PointCloudGraph(*search(*(None if x is None else np.asarray(x) for x in inputs)))
-    dtype = jnp.asarray(points).dtype if jnp.issubdtype(jnp.asarray(points).dtype, jnp.floating) else jnp.float32
-    shapes = [
-        jax.ShapeDtypeStruct((n * k,), jnp.int32),
-        jax.ShapeDtypeStruct((n * k,), jnp.int32),
-        jax.ShapeDtypeStruct((n * k,), jnp.bool_),
-        jax.ShapeDtypeStruct((), jnp.int32),
-        jax.ShapeDtypeStruct((), dtype),
-    ]
-
-    def on_host(points, mask, segment_ids):
-        graph = search(*(None if x is None else np.asarray(x) for x in (points, mask, segment_ids)))
-        return tuple(np.asarray(x, s.dtype) for x, s in zip(graph, shapes))
-
-    operands = [None if x is None else jax.lax.stop_gradient(jnp.asarray(x)) for x in inputs]
-    return PointCloudGraph(*jax.pure_callback(on_host, shapes, *operands, vmap_method="sequential"))
+    return _graph_on_host(functools.partial(_knn_on_host, k=k), (points, mask, segment_ids), n * k)
 
 
 def _knn_on_host(points, mask, segment_ids, *, k):
