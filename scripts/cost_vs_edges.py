@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from side_by_side import REFERENCE_PREAMBLE, thread_env  # scripts/, this folder
 
-from se3jax.benchmarking import memory_stats, peak_rss_bytes
+from se3jax.benchmarking import memory_stats, peak_rss_bytes, time_steps
 from se3jax.edges import edge_inputs
 from se3jax.execution import Execution
 from se3jax.fiber import Fiber
@@ -157,14 +156,7 @@ def step():
         return loss.item()
     with torch.inference_mode():
         return sum(v.sum() for v in model(graph, node_feats).values()).item()
-step()
-times = []
-for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-print(json.dumps({"seconds": statistics.median(times),
-                  "peak_rss_bytes": peak_rss()}))
+print(json.dumps({"seconds": median_step_seconds(step, 1, steps), "peak_rss_bytes": peak_rss()}))
 """
 )
 
@@ -196,12 +188,7 @@ def run_reference(g, mode: str, steps: int, reference: Path, python: str, thread
 
 def time_compiled(fn, args, steps: int):
     compiled = jax.jit(fn).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
+    times = time_steps(lambda: jax.block_until_ready(compiled(*args)), 1, steps)
     return statistics.median(times), memory_stats(compiled)
 
 

@@ -41,56 +41,25 @@ def measure(
     side = (size / density) ** (1 / 3)
     cell = np.eye(3) * side
     points = rng.uniform(0, side, size=(size, 3)).astype(np.float32)
-    rows = []
-    build = jax.jit(
+
+    def row(builder: str, build, **extra) -> dict:
+        graph = jax.block_until_ready(build())  # (compiles a jitted builder)
+        timing = best_time(build, repeats)
+        return dict(builder=builder, points=size, timing=timing, edges=int(graph.mask.sum()),
+                    overflow=int(graph.overflow), **extra)  # fmt: skip
+
+    cell_list = jax.jit(
         lambda p: cell_list_radius_graph(p, cutoff, max_neighbours, cell=cell, pbc=True, bin_capacity=bin_capacity)
     )
     start = time.perf_counter()
-    graph = jax.block_until_ready(build(points))
-    compile_s = time.perf_counter() - start
-    rows.append(
-        dict(
-            builder="cell_list_jit",
-            points=size,
-            timing=best_time(lambda: build(points), repeats),
-            compile_seconds=compile_s,
-            edges=int(graph.mask.sum()),
-            overflow=int(graph.overflow),
-        )
-    )
+    jax.block_until_ready(cell_list(points))
+    rows = [row("cell_list_jit", lambda: cell_list(points), compile_seconds=time.perf_counter() - start)]
     in_jit = jax.jit(lambda p: host_radius_graph(p, cutoff, max_neighbours, cell=cell, pbc=True))
-    graph = jax.block_until_ready(in_jit(points))
-    rows.append(
-        dict(
-            builder="vesin_in_jit",
-            points=size,
-            timing=best_time(lambda: in_jit(points), repeats),
-            edges=int(graph.mask.sum()),
-            overflow=int(graph.overflow),
-        )
-    )
-    host = host_radius_graph(points, cutoff, max_neighbours, cell=cell, pbc=True)
-    rows.append(
-        dict(
-            builder="vesin_host",
-            points=size,
-            timing=best_time(lambda: host_radius_graph(points, cutoff, max_neighbours, cell=cell, pbc=True), repeats),
-            edges=int(host.mask.sum()),
-            overflow=int(host.overflow),
-        )
-    )
+    rows.append(row("vesin_in_jit", lambda: in_jit(points)))
+    rows.append(row("vesin_host", lambda: host_radius_graph(points, cutoff, max_neighbours, cell=cell, pbc=True)))
     if size <= max_all_pairs:
         dense = jax.jit(lambda p: radius_graph(p, cutoff, max_neighbours))
-        g = jax.block_until_ready(dense(points))
-        rows.append(
-            dict(
-                builder="all_pairs_jit_open",
-                points=size,
-                timing=best_time(lambda: dense(points), repeats),
-                edges=int(g.mask.sum()),
-                overflow=int(g.overflow),
-            )
-        )
+        rows.append(row("all_pairs_jit_open", lambda: dense(points)))
     return rows
 
 

@@ -70,6 +70,16 @@ except (FileNotFoundError, ImportError):
 def peak_rss():  # VmHWM: ru_maxrss survives exec and would report a larger parent's peak
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+def median_step_seconds(step, warmup, steps):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 """
 
 # Reads the batch, builds the model with the QM9 settings of the reference's scripts, times
@@ -113,14 +123,7 @@ else:
     def step():
         with torch.inference_mode():
             return model(graph, node_feats, edge_feats).sum().item()
-for _ in range(warmup):
-    step()
-times = []
-for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-median = statistics.median(times)
+median = median_step_seconds(step, warmup, steps)
 print(json.dumps({"molecules_per_s": len(data["n_node"]) / median, "step_s": median,
                   "peak_rss_bytes": peak_rss(),
                   "torch": torch.__version__, "dgl": dgl.__version__}))
