@@ -8,7 +8,8 @@ One frozen :class:`Execution` travels down the model (passed by keyword to every
 - the **fusion level** of each convolution (:func:`resolve_fuse_level`), from a preference per
   backend and mode (training or inference);
 - the **edge chunk** (:func:`edge_chunk_rows`): on a CPU, a chunk's radial weights of the whole
-  layer fit a cache-sized budget, three times it in training (:func:`cpu_chunk_bytes`); on a GPU, edges are not chunked
+  layer fit a cache-sized budget, three times it in training (:func:`cpu_chunk_bytes`), and a
+  chunk has at most ``CPU_MAX_CHUNK_EDGES`` edges; on a GPU, edges are not chunked
   unless one layer's per-edge radial weights would exceed ``radial_memory_mb`` (then the fewest
   even chunks that fit);
 - whether the radial weights are **stored or recomputed** for the backward pass
@@ -226,6 +227,18 @@ CPU_CHUNK_BYTES = 32 << 20
 # (1,024, last chunk mostly padding) / 15.4 (2,048); batch 240: 1,024-edge chunks 15.5 against
 # 13.2 with the inference-sized rule; batch 1000: 22.4 (1,088) / 16.4 (368) / 21.3 (2,048).
 CPU_TRAIN_CHUNK_FACTOR = 3
+# And at most this many edges per chunk, whatever the radial weights: a layer with few weights
+# per edge (a model's first and last) still keeps its gathered features, bases, messages and
+# their gradients for every edge of a chunk, which the weight budget does not count. Measured
+# alone on the 2-core Zen 4, the trunk of `scripts/cost_vs_edges.py` (training, periodic box,
+# 10^5 edges; its first and last layers unchunked or in chunks of 30,000-60,000 edges without
+# the cap): no cap 6.68 s per step, 2.55 GB of XLA memory, 3.57 GB peak RSS; every layer in
+# chunks of 2,048 / 4,096 / 8,192 edges: 5.97 / 5.26 / 5.73 s, 1.12 / 1.12 / 1.16 GB, 2.10 /
+# 2.08 / 2.16 GB (the times within this machine's noise). 8,192 leaves the QM9 model at batch
+# 100 as it was measured (its first layer, 4,160 edges, unchunked; its hidden and output layers
+# take smaller chunks anyway); with 4,096 its training measured 17.6 and 16.7 mol/s against 17.9
+# and 17.9 (A/B/A/B).
+CPU_MAX_CHUNK_EDGES = 8192
 # GPU: the per-layer radial weights stay unchunked up to this share of the device's memory
 # (H200, 141 GB: 3.5 GB training / 7 GB inference; H100, 80 GB: 2 GB / 4 GB). Chunks cost
 # speed: training at batch 1000 in bf16 (1.9 GB of weights per layer) measured 16,466 mol/s
@@ -300,7 +313,8 @@ def edge_chunk_rows(
     if execution.edge_chunk:
         rows = execution.edge_chunk // 2 if execution.paired_edges else execution.edge_chunk
     elif backend_kind(backend) == "cpu":
-        rows = _even_rows(num_rows, _round_rows(cpu_chunk_bytes(execution.mode) / shrink / (row_weights * itemsize)))
+        by_weights = _round_rows(cpu_chunk_bytes(execution.mode) / shrink / (row_weights * itemsize))
+        rows = _even_rows(num_rows, min(by_weights, CPU_MAX_CHUNK_EDGES // (2 if execution.paired_edges else 1)))
     else:
         budget = (
             execution.radial_memory_mb * (1 << 20)

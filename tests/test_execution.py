@@ -90,6 +90,24 @@ def test_cpu_chunks_are_even_and_sized_to_the_cache_budget(monkeypatch):
     assert rows(num_rows=fp32 // 2) is None
 
 
+def test_cpu_chunks_have_at_most_the_edge_cap_whatever_the_weights(monkeypatch):
+    # a layer with few radial weights per edge (a trunk's output layer) on a graph of 10^5
+    # edges: the weight budget alone would leave it unchunked or in chunks of tens of
+    # thousands of edges, whose gathered features, bases and messages are what then dominates
+    monkeypatch.setattr(ex, "last_level_cache_bytes", lambda: 32 << 20)
+    last = conv_plan(HIDDEN, Fiber({1: 1, 2: 1}), FuseLevel.NONE, 3)
+    cap = ex.CPU_MAX_CHUNK_EDGES
+    for mode in ("train", "infer"):
+        for paired in (True, False):
+            execution, per_row = Execution(mode=mode, paired_edges=paired), 2 if paired else 1
+            num_rows = 120_000 // per_row
+            rows = ex.edge_chunk_rows(execution, num_rows, last.n_weights, last.max_group_row_weights, "cpu")
+            assert rows is not None and rows * per_row <= cap
+            assert -(-num_rows // rows) == -(-num_rows * per_row // cap)  # the fewest chunks under the cap
+            by_weights = ex.cpu_chunk_bytes(mode) // (last.n_weights * 4)
+            assert by_weights * per_row > cap  # the cap, not the weights, decided
+
+
 def test_cpu_chunk_budget_follows_the_cache_up_to_the_measured_size(monkeypatch):
     monkeypatch.setattr(ex, "last_level_cache_bytes", lambda: 4 << 20)
     assert ex.cpu_chunk_bytes("infer") == 4 << 20  # a small cache: the chunk fits it
