@@ -293,20 +293,24 @@ def by_edge(x: jax.Array) -> jax.Array:
 
 def edge_messages(
     plan: ConvPlan,
+    radial_hidden,
     kernel: jax.Array,
     features: Features,
     policy: Policy,
     paired: bool,
     kernel_choice: str,
-    hidden: jax.Array,
+    scalars: jax.Array,
     harmonics: jax.Array,
     senders: jax.Array,
 ) -> Features:
     """Messages of one chunk of rows (edges, or bonds with their two directions if ``paired``):
-    gathers the source features and builds the bases inside the chunk, so only node-sized
-    and 49-wide per-edge arrays stay live across chunks."""
+    runs the radial network's hidden layers (``radial_hidden``, see RadialProfile), gathers the
+    source features and builds the bases inside the chunk, so only node-sized arrays and a few
+    numbers per edge (scalars, 49 harmonics) stay live across chunks."""
     if paired:
         harmonics, senders = by_edge(harmonics), by_edge(senders)
+    with jax.named_scope("radial"):
+        hidden = radial_hidden(scalars)
     with jax.named_scope("gather"):
         x_src = {d: x[senders] for d, x in features.items()}
     out = tfn_messages(plan, hidden, kernel, x_src, harmonics, policy, paired, kernel_choice)
@@ -359,13 +363,15 @@ class ConvSE3(nn.Module):
             name = "radial" if len(trunks) == 1 else f"radial_{t}"
             outputs.append(RadialProfile(len(columns[-1]), execution=execution, name=name)(scalars))
         hidden, kernel = stack_trunks(outputs, columns, plan.n_weights)
-        messages = functools.partial(edge_messages, plan, kernel, features, policy, paired, resolve_kernel(execution))
-        rows = hidden.shape[0]
+        messages = functools.partial(
+            edge_messages, plan, hidden, kernel, features, policy, paired, resolve_kernel(execution)
+        )
+        rows = scalars.shape[0]
         chunk = edge_chunk_rows(execution, rows, plan.n_weights, plan.max_group_row_weights)
         if remat_radial(execution, rows, plan.n_weights, chunked=chunk is not None):
             messages = jax.checkpoint(messages)
         per_row = (by_bond(edges.harmonics), by_bond(edges.senders)) if paired else (edges.harmonics, edges.senders)
-        msgs = chunked_edge_map(messages, rows, chunk, hidden, *per_row)
+        msgs = chunked_edge_map(messages, rows, chunk, scalars, *per_row)
         if paired:
             msgs = {d: by_edge(m) for d, m in msgs.items()}
         msgs = {d: jnp.where(edges.mask[:, None, None], m, 0.0) for d, m in msgs.items()}

@@ -75,10 +75,21 @@ def radial_trunks(fiber_in: Fiber, fiber_out: Fiber, max_degree: int) -> tuple[t
 class RadialProfile(nn.Module):
     """MLP on edge scalars: Linear -> LayerNorm -> ReLU -> Linear -> LayerNorm -> ReLU -> Linear.
 
-    Returns the last hidden activation ``[E, mid_dim]`` and the last layer's bias-free kernel
-    ``[mid_dim, n_weights]`` rather than their product: the convolution applies that kernel
-    per fusion group, producing each group's per-edge weights directly in the layout the group
-    contracts with (the kernel is one parameter whatever the fusion level).
+    Returns ``(hidden, kernel)``: ``hidden``, a pure function of this module's parameters from
+    edge scalars ``[R, S]`` to the last hidden activation ``[R, mid_dim]``, and the last layer's
+    bias-free kernel ``[mid_dim, n_weights]``, rather than their product. The convolution calls
+    ``hidden`` inside its edge chunks (only one chunk's activations live; recomputed with the
+    chunk in the backward pass instead of stored for every edge: at 10^5 edges they were a
+    third of a training step's peak memory) and applies the kernel per fusion group, producing
+    each group's per-edge weights directly in the layout the group contracts with (the kernel
+    is one parameter whatever the fusion level).
+
+    >>> import jax, jax.numpy as jnp
+    >>> scalars = jnp.ones((7, 5))
+    >>> params = RadialProfile(n_weights=10).init(jax.random.PRNGKey(0), scalars)
+    >>> hidden, kernel = RadialProfile(n_weights=10).apply(params, scalars)
+    >>> hidden(scalars).shape, kernel.shape
+    ((7, 32), (32, 10))
     """
 
     n_weights: int
@@ -87,22 +98,37 @@ class RadialProfile(nn.Module):
 
     @nn.compact
     def __call__(self, edge_scalars: jax.Array):
-        h = at_least_f32(edge_scalars)  # [R, S]
         precision = get_policy(self.execution.precision).dot_precision
+        layers, width = [], edge_scalars.shape[-1]
         for i in range(2):
-            h = torch_dense(self.mid_dim, h.shape[-1], precision, name=f"dense_{i}")(h)
-            h = nn.relu(layer_norm(name=f"norm_{i}")(h))
+            dense = torch_dense(self.mid_dim, width, precision, name=f"dense_{i}")
+            norm = layer_norm(name=f"norm_{i}")
+            # parameters made from a one-row example (their shapes need only the width)
+            norm(dense(jnp.zeros((1, width), jnp.float32)))
+            layers.append((dense.clone(parent=None), dense.variables, norm.clone(parent=None), norm.variables))
+            width = self.mid_dim
+
+        def hidden(scalars: jax.Array) -> jax.Array:
+            h = at_least_f32(scalars)
+            for dense, dense_variables, norm, norm_variables in layers:
+                h = nn.relu(norm.apply(norm_variables, dense.apply(dense_variables, h)))
+            return h
+
         kernel = self.param("kernel_out", torch_kernel_init, (self.mid_dim, self.n_weights), jnp.float32)
-        return h, kernel
+        return hidden, kernel
 
 
-def stack_trunks(outputs: list[tuple[jax.Array, jax.Array]], columns: list[np.ndarray], n_weights: int):
-    """Several trunks' ``(hidden [R, mid], kernel [mid, n_t])`` -> one ``(hidden [R, T mid],
-    kernel [T mid, n_weights])`` whose kernel is block-sparse: trunk ``t`` feeds only its
-    ``columns[t]`` of the canonical layout. (Only layers with several trunks pay for the zeros:
-    the first layer, whose weights are few.)"""
+def stack_trunks(outputs: list[tuple], columns: list[np.ndarray], n_weights: int):
+    """Several trunks' ``(hidden: [R, S] -> [R, mid], kernel [mid, n_t])`` -> one ``(hidden:
+    [R, S] -> [R, T mid], kernel [T mid, n_weights])`` whose kernel is block-sparse: trunk ``t``
+    feeds only its ``columns[t]`` of the canonical layout. (Only layers with several trunks pay
+    for the zeros: the first layer, whose weights are few.)"""
     if len(outputs) == 1:
         return outputs[0]
-    hidden = jnp.concatenate([h for h, _ in outputs], axis=-1)
+    hiddens = [h for h, _ in outputs]
+
+    def hidden(scalars: jax.Array) -> jax.Array:
+        return jnp.concatenate([h(scalars) for h in hiddens], axis=-1)
+
     blocks = [jnp.zeros((k.shape[0], n_weights), k.dtype).at[:, cols].set(k) for (_, k), cols in zip(outputs, columns)]
     return hidden, jnp.concatenate(blocks, axis=0)

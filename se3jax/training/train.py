@@ -264,15 +264,18 @@ def train_steps(
                 for hook in hooks:
                     hook(step, state, position)
                 stop = bool(config.max_steps) and step >= config.max_steps
-                log_training(run, bar, window, step, position, last_in_epoch or stop or signals.requested)
+                # read once: a signal arriving later in this step is handled after the next
+                # one, never between the decision to save and the decision to stop
+                interrupted = signals.requested
+                log_training(run, bar, window, step, position, last_in_epoch or stop or interrupted)
                 results.update(validate(run, step, state, position, last_in_epoch))
-                if step % config.checkpoint_every_steps == 0 or last_in_epoch or stop or signals.requested:
+                if step % config.checkpoint_every_steps == 0 or last_in_epoch or stop or interrupted:
                     next_position = Position(position.epoch, position.batch + 1)
                     run.save(step, state, canonical(next_position, run.train_loader.num_batches))
                 if stop:
                     logging.info("stopping at max_steps=%d", config.max_steps)
                     return state, step, results, False
-                if signals.requested:  # Ctrl-C or SIGTERM: saved where we stand, now stop
+                if interrupted:  # Ctrl-C or SIGTERM: saved where we stand, now stop
                     logging.warning("interrupted: checkpoint saved at step %d", step)
                     raise KeyboardInterrupt
     finally:
