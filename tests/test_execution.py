@@ -13,7 +13,7 @@ from se3jax.edges import EdgeInputs
 from se3jax.execution import Execution, FuseLevel
 from se3jax.fiber import Fiber
 from se3jax.layers.attention import AttentionBlockSE3
-from se3jax.layers.convolution import PathGroup, conv_plan
+from se3jax.layers.convolution import ConvSE3, PathGroup, conv_plan
 from se3jax.model import SE3TransformerPooled
 from se3jax.testing import synthetic_batch
 
@@ -262,3 +262,32 @@ def test_inference_memory_of_a_hidden_block_stays_in_budget(monkeypatch):
     monkeypatch.setattr(ex, "last_level_cache_bytes", lambda: 32 << 20)  # this project's CPU
     temp = _hidden_block_temp_bytes(Execution(mode="infer"))
     assert temp <= BLOCK_TEMP_BUDGET_MB << 20, f"{temp / 2**20:.0f} MB of XLA temporaries"
+
+
+def test_training_keeps_no_per_edge_radial_activations_outside_the_chunks():
+    # The radial network's hidden layers run inside each edge chunk and are recomputed with it
+    # in the backward pass: what a chunked convolution keeps for its gradient holds nothing of
+    # the network's width per row (run once for all edges before the chunks, its activations,
+    # normalisations and masks were a third of the trunk's training peak at 10^5 edges).
+    rng = np.random.default_rng(0)
+    num_nodes, bonds, channels = 60, 400, 4
+    senders = rng.integers(0, num_nodes, bonds)
+    receivers = (senders + 1 + rng.integers(0, num_nodes - 1, bonds)) % num_nodes
+    pairs = lambda a, b: jnp.asarray(np.stack([a, b], 1).reshape(-1), jnp.int32)  # noqa: E731 (bond k: 2k, 2k+1)
+    edges = EdgeInputs(
+        senders=pairs(senders, receivers),
+        receivers=pairs(receivers, senders),
+        mask=jnp.ones(2 * bonds, bool),
+        scalars=jnp.repeat(jnp.asarray(rng.uniform(1, 3, (bonds, 1)), jnp.float32), 2, axis=0),
+        harmonics=jnp.asarray(rng.normal(size=(2 * bonds, 25)), jnp.float32),  # degrees 0-4: max_degree 2
+    )
+    fiber = Fiber.create(3, channels)
+    features = {d: jnp.asarray(rng.normal(size=(num_nodes, channels, 2 * d + 1)), jnp.float32) for d in range(3)}
+    conv = ConvSE3(fiber, fiber, execution=Execution(edge_chunk=160))  # 80 bonds a chunk, 5 chunks
+    params = conv.init(jax.random.PRNGKey(0), features, edges)
+    width = params["params"]["radial"]["dense_1"]["kernel"].shape[1]
+    assert width not in (channels, 2 * bonds, 25) and not any(2 * d + 1 == width for d in range(3))
+    _, backward = jax.vjp(lambda p, x: conv.apply(p, x, edges), params, features)
+    kept = [leaf.shape for leaf in jax.tree.leaves(backward) if hasattr(leaf, "shape")]
+    per_row = [s for s in kept if len(s) >= 2 and s[-1] == width and np.prod(s) >= bonds * width]
+    assert kept and not per_row, f"per-row radial activations kept for the backward pass: {per_row}"
