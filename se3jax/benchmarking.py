@@ -126,7 +126,7 @@ def resolved_plan(setting: Setting, num_edges: int, backend: str | None = None) 
     level = resolve_fuse_level(e.fuse_level, hidden, hidden, backend, e.mode)
     plan = conv_plan(hidden, hidden, level, 3)
     rows = num_edges // 2 if e.paired_edges else num_edges
-    chunk = edge_chunk_rows(e, rows, plan.n_weights, plan.max_group_row_weights, backend)
+    chunk = edge_chunk_rows(e, rows, plan.n_weights, backend)
     remat = remat_radial(e, rows, plan.n_weights, chunk is not None, backend) if e.mode == "train" else None
     return {
         "resolved_level": level.value,

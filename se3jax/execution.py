@@ -299,22 +299,20 @@ def device_memory_bytes() -> int:
         return _FALLBACK_DEVICE_BYTES
 
 
-def edge_chunk_rows(
-    execution: Execution, num_rows: int, row_weights: int, group_row_weights: int, backend: str | None = None
-) -> int | None:
+def edge_chunk_rows(execution: Execution, num_rows: int, row_weights: int, backend: str | None = None) -> int | None:
     """Rows (bonds if edges are paired, else edges) per chunk, or None for no chunking.
 
     ``row_weights``: radial weights per row of the whole layer (what a chunk keeps live on a
-    CPU, and what a layer stores on a GPU); ``group_row_weights``: those of its largest fusion
-    group (kept for callers; no rule uses it now).
+    CPU, and what a layer stores on a GPU).
     """
     itemsize = get_policy(execution.precision).compute_dtype.itemsize
     shrink = 2 if execution.low_memory else 1
+    edges_per_row = 2 if execution.paired_edges else 1
     if execution.edge_chunk:
-        rows = execution.edge_chunk // 2 if execution.paired_edges else execution.edge_chunk
+        rows = execution.edge_chunk // edges_per_row
     elif backend_kind(backend) == "cpu":
         by_weights = _round_rows(cpu_chunk_bytes(execution.mode) / shrink / (row_weights * itemsize))
-        rows = _even_rows(num_rows, min(by_weights, CPU_MAX_CHUNK_EDGES // (2 if execution.paired_edges else 1)))
+        rows = _even_rows(num_rows, min(by_weights, CPU_MAX_CHUNK_EDGES // edges_per_row))
     else:
         budget = (
             execution.radial_memory_mb * (1 << 20)

@@ -72,7 +72,7 @@ def test_cpu_chunks_are_even_and_sized_to_the_cache_budget(monkeypatch):
 
     def rows(num_rows=5000, **options):
         execution = Execution(**{"mode": "infer", **options})
-        return ex.edge_chunk_rows(execution, num_rows, plan.n_weights, plan.max_group_row_weights, "cpu")
+        return ex.edge_chunk_rows(execution, num_rows, plan.n_weights, "cpu")
 
     fp32 = rows()
     chunks = -(-5000 // fp32)
@@ -101,7 +101,7 @@ def test_cpu_chunks_have_at_most_the_edge_cap_whatever_the_weights(monkeypatch):
         for paired in (True, False):
             execution, per_row = Execution(mode=mode, paired_edges=paired), 2 if paired else 1
             num_rows = 120_000 // per_row
-            rows = ex.edge_chunk_rows(execution, num_rows, last.n_weights, last.max_group_row_weights, "cpu")
+            rows = ex.edge_chunk_rows(execution, num_rows, last.n_weights, "cpu")
             assert rows is not None and rows * per_row <= cap
             assert -(-num_rows // rows) == -(-num_rows * per_row // cap)  # the fewest chunks under the cap
             by_weights = ex.cpu_chunk_bytes(mode) // (last.n_weights * 4)
@@ -119,17 +119,17 @@ def test_gpu_chunks_only_above_the_memory_cap(monkeypatch):
     monkeypatch.setattr(ex, "device_memory_bytes", lambda: 80 << 30)  # an H100
     weights = 45_056
     # batch 240 in bf16: 5,024 bonds x 45,056 x 2 B = 0.45 GB per layer: unchunked
-    assert ex.edge_chunk_rows(Execution(precision="bf16"), 5_024, weights, 16_384, "gpu") is None
+    assert ex.edge_chunk_rows(Execution(precision="bf16"), 5_024, weights, "gpu") is None
     # an explicit cap of 256 MB: the fewest even chunks that fit, rows a multiple of 8
-    rows = ex.edge_chunk_rows(Execution(precision="bf16", radial_memory_mb=256), 5_024, weights, 16_384, "gpu")
+    rows = ex.edge_chunk_rows(Execution(precision="bf16", radial_memory_mb=256), 5_024, weights, "gpu")
     assert rows % 8 == 0 and rows * weights * 2 <= (256 << 20) * 1.01
     assert -(-5_024 // rows) == -(-5_024 * weights * 2 // (256 << 20))
     # batch 1000 in fp32 (3.8 GB per layer) is over 2.5% of 80 GB in training, not in inference
-    assert ex.edge_chunk_rows(Execution(), 20_928, weights, 16_384, "gpu") is not None
-    assert ex.edge_chunk_rows(Execution(mode="infer"), 20_928, weights, 16_384, "gpu") is None
+    assert ex.edge_chunk_rows(Execution(), 20_928, weights, "gpu") is not None
+    assert ex.edge_chunk_rows(Execution(mode="infer"), 20_928, weights, "gpu") is None
     # an explicit chunk is in edges: paired edges make it half as many bonds
-    assert ex.edge_chunk_rows(Execution(edge_chunk=512), 5_024, weights, 16_384, "gpu") == 256
-    assert ex.edge_chunk_rows(Execution(edge_chunk=512, paired_edges=False), 5_024, weights, 16_384, "gpu") == 512
+    assert ex.edge_chunk_rows(Execution(edge_chunk=512), 5_024, weights, "gpu") == 256
+    assert ex.edge_chunk_rows(Execution(edge_chunk=512, paired_edges=False), 5_024, weights, "gpu") == 512
 
 
 def test_remat_rule(monkeypatch):
@@ -213,9 +213,7 @@ def test_cpu_plan_computes_the_unchunked_function(monkeypatch, small_batch):
     plan = conv_plan(Fiber.create(2, 8), Fiber.create(2, 8), FuseLevel.NONE, 1)
     rows = small_batch.senders.shape[0] // 2
     for mode in ("infer", "train"):  # the plan really chunks this batch in both modes
-        chunk = ex.edge_chunk_rows(
-            model.execution.for_mode(mode), rows, plan.n_weights, plan.max_group_row_weights, "cpu"
-        )
+        chunk = ex.edge_chunk_rows(model.execution.for_mode(mode), rows, plan.n_weights, "cpu")
         assert chunk is not None and -(-rows // chunk) >= 2, mode
     params = jax.jit(model.init)(jax.random.PRNGKey(0), small_batch)
     unchunked = model.clone(execution=model.execution.replace(edge_chunk=1 << 30))
@@ -273,7 +271,10 @@ def test_training_keeps_no_per_edge_radial_activations_outside_the_chunks():
     num_nodes, bonds, channels = 60, 400, 4
     senders = rng.integers(0, num_nodes, bonds)
     receivers = (senders + 1 + rng.integers(0, num_nodes - 1, bonds)) % num_nodes
-    pairs = lambda a, b: jnp.asarray(np.stack([a, b], 1).reshape(-1), jnp.int32)  # noqa: E731 (bond k: 2k, 2k+1)
+
+    def pairs(a, b):  # bond k: edges 2k (a -> b) and 2k + 1 (b -> a)
+        return jnp.asarray(np.stack([a, b], 1).reshape(-1), jnp.int32)
+
     edges = EdgeInputs(
         senders=pairs(senders, receivers),
         receivers=pairs(receivers, senders),

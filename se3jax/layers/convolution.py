@@ -94,11 +94,6 @@ class PathGroup:
     weight_index: np.ndarray  # [c_out * c_in * F_g]: columns of the canonical radial kernel
     basis_index: np.ndarray  # [in_dim * F_g * out_dim]: columns of the path bases (-1 = 0)
 
-    @property
-    def row_weights(self) -> int:
-        """Radial weights of this group per edge (or bond)."""
-        return self.c_out * self.c_in * self.n_freq
-
     def __eq__(self, other) -> bool:
         if not isinstance(other, PathGroup):
             return NotImplemented
@@ -124,10 +119,6 @@ class ConvPlan:
         d_in, d_out = path
         start = self.path_offsets[self.paths.index(path)]
         return np.arange(start, start + self.fiber_out[d_out] * self.fiber_in[d_in] * num_frequencies(d_in, d_out))
-
-    @property
-    def max_group_row_weights(self) -> int:
-        return max(g.row_weights for g in self.groups)
 
 
 def _group_degrees(level: FuseLevel, fiber_in: Fiber, fiber_out: Fiber):
@@ -367,7 +358,7 @@ class ConvSE3(nn.Module):
             edge_messages, plan, hidden, kernel, features, policy, paired, resolve_kernel(execution)
         )
         rows = scalars.shape[0]
-        chunk = edge_chunk_rows(execution, rows, plan.n_weights, plan.max_group_row_weights)
+        chunk = edge_chunk_rows(execution, rows, plan.n_weights)
         if remat_radial(execution, rows, plan.n_weights, chunked=chunk is not None):
             messages = jax.checkpoint(messages)
         per_row = (by_bond(edges.harmonics), by_bond(edges.senders)) if paired else (edges.harmonics, edges.senders)
