@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from se3jax.benchmarking import TABLE_HEADER, Setting, format_row, interleaved, measure, peak_rss_bytes  # noqa: E402
+from se3jax.benchmarking import TABLE_HEADER, Setting, format_row, interleaved, measure  # noqa: E402
 from se3jax.execution import REMAT_CHOICES, Execution, FuseLevel  # noqa: E402
+from se3jax.host_memory import peak_rss_bytes  # noqa: E402
 from se3jax.precision import TRAINING_POLICIES  # noqa: E402
 
 

@@ -9,14 +9,10 @@ Throughput is the median over timed steps after warm-up; compile time is separat
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import functools
 import logging
-import resource
 import statistics
-import sys
 import time
 
 import jax
@@ -27,6 +23,7 @@ from se3jax.edges import edge_inputs
 from se3jax.execution import Execution, edge_chunk_rows, remat_radial, resolve_fuse_level
 from se3jax.fiber import Fiber
 from se3jax.graphs import HARMONICS, POSITIONS, padding_masks
+from se3jax.host_memory import peak_rss_bytes, release_freed_host_memory
 from se3jax.layers.convolution import conv_plan
 from se3jax.model import SE3TransformerPooled
 from se3jax.precision import get_policy
@@ -140,9 +137,6 @@ def _initial_params(num_layers: int, num_channels: int, num_heads: int):
     model = SE3TransformerPooled(num_layers=num_layers, num_channels=num_channels, num_heads=num_heads)
     example = synthetic_batch(np.random.default_rng(0), 2)
     return jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), example))
-
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 
 @dataclasses.dataclass
@@ -286,28 +280,6 @@ def interleaved(
         for p, t in zip(prepared, times):
             t.extend(time_steps(p.run, 0, steps))
     return [summarise_times(p.result, t) for p, t in zip(prepared, times)]
-
-
-def release_freed_host_memory() -> None:
-    """Hand the memory the compiler freed back to the OS (glibc keeps it in its arenas
-    otherwise, and the steps' buffers then come on top of it in the resident set: at batch 100
-    inference, a 0.84 GB process after compiling reached 1.03 GB at its first step). A no-op
-    where the C library has no ``malloc_trim``."""
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (Linux and macOS). On Linux from
-    ``VmHWM``: ``ru_maxrss`` survives ``exec``, so a child process would report its parent's
-    peak when that was larger."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def format_row(r: dict) -> str:

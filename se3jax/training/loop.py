@@ -98,13 +98,14 @@ class MetricsWindow:
 
 
 class ShapeWatch:
-    """Warns when a step's inputs change shape or dtype: ``jax.jit`` then compiles the step
-    again (seconds each time); with padded batches it never should.
+    """Tells when a step is about to compile: for its first inputs, and -- with a warning --
+    when they change shape or dtype (``jax.jit`` then compiles the step again, seconds each
+    time; with padded batches it never should).
 
     >>> import numpy as np
     >>> watch = ShapeWatch("the step")
     >>> watch.check({"x": np.zeros(3)}), watch.check({"x": np.ones(3)}), watch.check({"x": np.zeros(4)})
-    (False, False, True)
+    (True, False, True)
     """
 
     def __init__(self, what: str):
@@ -112,12 +113,14 @@ class ShapeWatch:
         self.signature = None
 
     def check(self, inputs) -> bool:
+        """Whether the step compiles for ``inputs``."""
         signature = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), inputs)
-        changed = self.signature is not None and signature != self.signature
-        if changed:
+        if signature == self.signature:
+            return False
+        if self.signature is not None:
             logging.warning("%s will compile again: its inputs changed shape or dtype", self.what)
         self.signature = signature
-        return changed
+        return True
 
 
 class StopSignals:
