@@ -204,12 +204,12 @@ def prepare(setting: Setting, seed: int = 0, count_flops: bool = True) -> Prepar
     start = time.perf_counter()
     compiled = jitted(model).lower(*args).compile()
     result["compile_s"] = time.perf_counter() - start
-    release_freed_host_memory()
     result.update(memory_stats(compiled))
     if count_flops:
         # XLA counts a loop body once, so count FLOPs on the same step with edges unchunked
         result["flops"] = flop_count(jitted(model.clone(execution=e.replace(edge_chunk=1 << 30))), *args)
     del args
+    release_freed_host_memory()  # after the FLOP count's lowering too: the steps start clean
 
     def run():
         if setting.mode == "train":
