@@ -99,8 +99,8 @@ class MetricsWindow:
 
 class ShapeWatch:
     """Tells when a step is about to compile: for its first inputs, and -- with a warning --
-    when they change shape or dtype (``jax.jit`` then compiles the step again, seconds each
-    time; with padded batches it never should).
+    when they change shape or dtype (the step then compiles again, seconds each time; with
+    padded batches it never should).
 
     >>> import numpy as np
     >>> watch = ShapeWatch("the step")
