@@ -41,7 +41,7 @@ from se3jax.edges import edge_inputs
 from se3jax.execution import Execution
 from se3jax.fiber import Fiber
 from se3jax.graphs import FEATURES, POSITIONS, padding_masks
-from se3jax.host_memory import peak_rss_bytes, release_freed_host_memory
+from se3jax.host_memory import compile_and_release, peak_rss_bytes
 from se3jax.model import SE3Transformer, SE3TransformerPooled
 from se3jax.neighbours import build_radius_graph
 from se3jax.testing import synthetic_batch
@@ -188,8 +188,7 @@ def run_reference(g, mode: str, steps: int, reference: Path, python: str, thread
 
 
 def time_compiled(fn, args, steps: int):
-    compiled = jax.jit(fn).lower(*args).compile()
-    release_freed_host_memory()  # as the benchmarks do: the compiler's scratch is not kept
+    compiled = compile_and_release(jax.jit(fn), *args)  # as the benchmarks: no compiler scratch kept
     times = time_steps(lambda: jax.block_until_ready(compiled(*args)), 1, steps)
     return statistics.median(times), memory_stats(compiled)
 

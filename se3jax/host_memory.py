@@ -1,6 +1,7 @@
 """The process's host memory: its peak resident set, and handing freed memory back to the OS.
 
-Used by the training loop (after compiling its step) and the benchmarks (which report the peak).
+Used by the training loop and the predictor (which compile ahead with :func:`compile_and_release`)
+and the benchmarks (which report the peak).
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ def release_freed_host_memory() -> None:
     trim = getattr(_LIBC, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def compile_and_release(jitted, *args):
+    """``jitted.lower(*args).compile()`` -- the executable, to call with arguments shaped like
+    ``args`` -- then :func:`release_freed_host_memory`, so that the first call's buffers do not
+    come on top of the compiler's scratch memory (at batch 100 inference, peak RSS 0.95 GB with
+    a lazily compiled ``jax.jit``, 0.80 GB compiled this way)."""
+    compiled = jitted.lower(*args).compile()
+    release_freed_host_memory()
+    return compiled
 
 
 def peak_rss_bytes() -> int:

@@ -45,6 +45,7 @@ from se3jax.graphs import (
     padding_masks,
     validate_graphs,
 )
+from se3jax.host_memory import compile_and_release
 from se3jax.layers.pooling import SMOOTH_POOLINGS
 from se3jax.model import SE3TransformerPooled
 from se3jax.training.checkpoints import Checkpointer, CheckpointError
@@ -117,14 +118,19 @@ class Predictor:
 
     @functools.cached_property
     def jitted(self) -> Callable:
-        """``jax.jit(predict)``, compiled once per padding budget, after the host's value checks
-        (finite positions, edge indices, paired edges: a compiled step cannot raise)."""
-        compiled = jax.jit(self.predict)
+        """``jax.jit(predict)`` after the host's value checks (finite positions, edge indices,
+        paired edges: a compiled step cannot raise), compiled once per shape of its inputs
+        (per padding budget), ahead of its first call (:func:`compile_and_release`)."""
+        jitted, executables = jax.jit(self.predict), {}
         model = self.model
 
         def checked(params, graphs: jraph.GraphsTuple) -> jax.Array:
             validate_graphs(graphs, model.node_features_dim, model.edge_features_dim, model.execution.paired_edges)
-            return compiled(params, graphs)
+            leaves, tree = jax.tree.flatten((params, graphs))
+            key = (tree, tuple((np.shape(x), jnp.result_type(x), getattr(x, "weak_type", False)) for x in leaves))
+            if key not in executables:
+                executables[key] = compile_and_release(jitted, params, graphs)
+            return executables[key](params, graphs)
 
         return checked
 

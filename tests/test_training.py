@@ -17,9 +17,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from se3jax import host_memory
 from se3jax.data.loader import BatchLoader, budget_for
 from se3jax.graphs import HARMONICS, pad_to_budget
-from se3jax.training import train as train_module
 from se3jax.training.checkpoints import Checkpointer, CheckpointError
 from se3jax.training.config import load_config_file, validate_config
 from se3jax.training.parallel import DataParallel
@@ -53,8 +53,8 @@ def test_tiny_training_learns_and_writes_its_workdir(config, tmp_path, monkeypat
     """The tiny config learns: on 32 molecules at learning rate 0.01 the normalised L1 loss
     falls below 0.7 within 40 steps. (Predicting the training mean scores about 0.8, E|z| for
     Gaussian targets; the model starts near 1.0-1.2 and measured 0.54 after 40 steps.)"""
-    releases = []  # the compiler's freed memory is handed back once: the step compiles once
-    monkeypatch.setattr(train_module, "release_freed_host_memory", lambda: releases.append(1))
+    releases = []  # the step compiles once, ahead of its first call, then frees the compiler's memory
+    monkeypatch.setattr(host_memory, "release_freed_host_memory", lambda: releases.append(1))
     config.max_train_molecules = 32
     config.num_epochs = 20  # 2 steps per epoch: 40 steps
     config.learning_rate = 1e-2

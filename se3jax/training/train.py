@@ -29,7 +29,7 @@ from se3jax.data.domain import TrainingDomain
 from se3jax.data.loader import BatchLoader, budget_for, precompute_edge_harmonics
 from se3jax.data.qm9 import DEFAULT_CACHE_DIR, QM9Dataset, load_qm9
 from se3jax.graphs import pad_to_budget
-from se3jax.host_memory import release_freed_host_memory
+from se3jax.host_memory import compile_and_release
 from se3jax.model import SE3TransformerPooled
 from se3jax.precision import get_policy
 from se3jax.training import workdir as files
@@ -257,11 +257,8 @@ def train_steps(
     try:
         with StopSignals() as signals:
             for position, batch, last_in_epoch in batches:
-                if shapes.check(batch):
-                    # compiled ahead of the call so that the compiler's scratch memory goes
-                    # back to the OS before the step's buffers come on top of it
-                    train_step = run.parallel.train_step.lower(state, batch).compile()
-                    release_freed_host_memory()
+                if shapes.check(batch):  # first inputs or new shapes: compile before the call
+                    train_step = compile_and_release(run.parallel.train_step, state, batch)
                 state, metrics = train_step(state, batch)
                 step += 1
                 window.add(metrics)
