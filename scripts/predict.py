@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from se3jax.compilation_cache import use_compilation_cache  # noqa: E402
 from se3jax.inference import load_predictor, predict_files  # noqa: E402
 from se3jax.precision import TRAINING_POLICIES  # noqa: E402
 
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the predictions (and errors) as JSON")
     parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     args = parser.parse_args(argv)
+    use_compilation_cache()  # the next prediction at this batch size loads the compiled model
 
     try:
         predictor = load_predictor(args.workdir, precision=args.precision, batch_size=args.batch_size)

@@ -3,6 +3,7 @@ loss scaling, and clear errors for bad configs and corrupt checkpoints."""
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from se3jax import host_memory
+from se3jax.compilation_cache import use_compilation_cache
 from se3jax.data.loader import BatchLoader, budget_for
 from se3jax.graphs import HARMONICS, pad_to_budget
 from se3jax.training.checkpoints import Checkpointer, CheckpointError
@@ -75,6 +77,45 @@ def test_tiny_training_learns_and_writes_its_workdir(config, tmp_path, monkeypat
     metrics = (tmp_path / "metrics.jsonl").read_text()
     assert train_and_evaluate(config, tmp_path) == result
     assert (tmp_path / "metrics.jsonl").read_text() == metrics and len(read_metrics(tmp_path, "test_mae")) == 1
+
+
+COMPILE_AFTER_START_RUN = """
+import sys, jax, jax.numpy as jnp
+from se3jax.training.config import load_config_file
+from se3jax.training.train import start_run
+config = load_config_file("configs/test.py")
+config.cache_dir, config.compilation_cache = sys.argv[1], sys.argv[2] == "on"
+start_run(config, sys.argv[1] + "/workdir")
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # keep even this small program
+jax.jit(lambda x: jnp.sin(x) * 2)(1.0)
+print(jax.config.jax_compilation_cache_dir)
+"""
+
+
+def test_compiled_programs_are_kept_under_the_cache_dir(tmp_path):
+    """``config.compilation_cache`` (on by default): a run keeps its compiled programs in
+    ``<cache_dir>/compiled``, where the next run with the same shapes loads them; off, none
+    are kept. A cache folder set by the user (here: the test session's) takes precedence."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    for setting in ("on", "off"):
+        cache = tmp_path / setting
+        done = subprocess.run(
+            [sys.executable, "-c", COMPILE_AFTER_START_RUN, str(cache), setting],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        kept = list((cache / "compiled").glob("jit_*")) if (cache / "compiled").exists() else []
+        if setting == "on":
+            assert done.stdout.split()[-1] == str(cache / "compiled") and len(kept) == 1
+        else:
+            assert done.stdout.split()[-1] == "None" and not kept
+    session_cache = jax.config.jax_compilation_cache_dir
+    assert session_cache and use_compilation_cache(tmp_path / "other") == session_cache
+    assert jax.config.jax_compilation_cache_dir == session_cache
 
 
 def test_resume_after_stop_equals_uninterrupted_run(config, tmp_path):

@@ -70,6 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.log_every_steps = 10  # metrics reach the host at least this often (<= 10)
     c.progress_bar = True
+    c.compilation_cache = True  # keep compiled steps in <cache_dir>/compiled: a rerun loads them
     return c
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from se3jax.compilation_cache import use_compilation_cache
 from se3jax.data.domain import TrainingDomain
 from se3jax.data.loader import BatchLoader, budget_for, precompute_edge_harmonics
 from se3jax.data.qm9 import DEFAULT_CACHE_DIR, QM9Dataset, load_qm9
@@ -149,8 +150,11 @@ class Run:
 
 def start_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     """Checks before any work (the config, the distributed runtime, every process's agreement,
-    whether the workdir may resume under this config), then the config saved in the workdir."""
+    whether the workdir may resume under this config), then the config saved in the workdir.
+    ``config.compilation_cache``: compiled steps are kept under ``<cache_dir>/compiled``."""
     validate_config(config)
+    if config.compilation_cache:
+        use_compilation_cache(Path(config.cache_dir or DEFAULT_CACHE_DIR) / "compiled")
     initialize_distributed(config)
     check_processes_agree(config.to_dict())
     workdir = Path(workdir).absolute()

@@ -45,6 +45,7 @@ RESUMABLE_KEYS = frozenset(
         "checkpoint_every_steps",
         "keep_checkpoints",
         "progress_bar",
+        "compilation_cache",
         "cache_dir",
         "max_eval_molecules",
         "fuse_level",
