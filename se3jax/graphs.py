@@ -141,19 +141,21 @@ class PaddingMasks(NamedTuple):
 
 
 def padding_masks(graphs: jraph.GraphsTuple) -> PaddingMasks:
-    """Boolean masks of real nodes, edges and graphs. jit-safe.
+    """Boolean masks of real nodes, edges and graphs. jit-safe; numpy masks for a batch of
+    numpy counts (the host's checks of every batch then compile nothing).
 
     jraph's convention: the first padding graph holds every padding node and edge (and at
     least one node); any further padding graphs are empty and trail it.
     """
-    n_node, n_edge = jnp.asarray(graphs.n_node), jnp.asarray(graphs.n_edge)
+    xp = np if isinstance(graphs.n_node, np.ndarray) and isinstance(graphs.n_edge, np.ndarray) else jnp
+    n_node, n_edge = xp.asarray(graphs.n_node), xp.asarray(graphs.n_edge)
     num_graphs = n_node.shape[0]
-    num_padding_graphs = jnp.argmin(n_node[::-1] == 0) + 1
-    graph_mask = jnp.arange(num_graphs) < num_graphs - num_padding_graphs
-    real_nodes = jnp.sum(jnp.where(graph_mask, n_node, 0))
-    real_edges = jnp.sum(jnp.where(graph_mask, n_edge, 0))
-    node_mask = jnp.arange(graphs.nodes[POSITIONS].shape[0]) < real_nodes
-    edge_mask = jnp.arange(graphs.senders.shape[0]) < real_edges
+    num_padding_graphs = xp.argmin(n_node[::-1] == 0) + 1
+    graph_mask = xp.arange(num_graphs) < num_graphs - num_padding_graphs
+    real_nodes = xp.sum(xp.where(graph_mask, n_node, 0))
+    real_edges = xp.sum(xp.where(graph_mask, n_edge, 0))
+    node_mask = xp.arange(graphs.nodes[POSITIONS].shape[0]) < real_nodes
+    edge_mask = xp.arange(graphs.senders.shape[0]) < real_edges
     return PaddingMasks(node_mask, edge_mask, graph_mask)
 
 

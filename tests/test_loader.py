@@ -10,7 +10,7 @@ import pytest
 
 from se3jax.data.loader import BackgroundIterator, BatchLoader, budget_for, pack_batches
 from se3jax.data.qm9 import load_qm9
-from se3jax.graphs import PaddingBudget, padding_masks
+from se3jax.graphs import PaddingBudget, pad_to_budget, padding_masks
 
 BATCH = 32
 
@@ -34,6 +34,20 @@ def real_counts(batch):
     """(real nodes, real edges, real graphs) of a padded batch."""
     nodes, edges, graphs = padding_masks(batch)
     return int(np.sum(nodes)), int(np.sum(edges)), int(np.sum(graphs))
+
+
+def test_padding_masks_on_the_host_equal_the_jitted_ones(dataset, train):
+    """The host's masks (numpy, for the value checks of every batch: nothing to compile) are
+    the masks the compiled steps compute, also with several trailing padding graphs."""
+    rng = np.random.default_rng(0)
+    for n, extra_graphs in ((1, 0), (5, 3), (17, 1)):
+        graphs = dataset.batch_graphs(rng.choice(train, n, replace=False))
+        nodes, edges = int(np.sum(graphs.n_node)), int(np.sum(graphs.n_edge))
+        padded = pad_to_budget(graphs, PaddingBudget(n_node=nodes + 7, n_edge=edges + 10, n_graph=n + 1 + extra_graphs))
+        host = padding_masks(padded)
+        assert isinstance(host.nodes, np.ndarray) and real_counts(padded) == (nodes, edges, n)
+        for a, b in zip(host, jax.jit(padding_masks)(padded)):
+            np.testing.assert_array_equal(a, b)
 
 
 def assert_same_batches(a, b):
