@@ -15,15 +15,14 @@ import jax
 
 from se3jax.data.qm9_cache import DEFAULT_CACHE_DIR
 
-DEFAULT_COMPILATION_CACHE_DIR = os.path.join(DEFAULT_CACHE_DIR, "compiled")  # as training's default
 
-
-def use_compilation_cache(directory: str | os.PathLike = DEFAULT_COMPILATION_CACHE_DIR) -> str:
-    """Keep compiled programs in ``directory`` from now on, unless a cache folder is set
-    already (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``): that one stays. Returns the
-    folder in use."""
+def use_compilation_cache(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> str:
+    """Keep compiled programs in ``<cache_dir>/compiled`` (the data's cache folder, by default
+    ``~/.cache/se3jax``) from now on, unless a cache folder is set already
+    (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``): that one stays. Returns the folder in use."""
     current = jax.config.jax_compilation_cache_dir
     if current:
         return current
-    jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
-    return os.fspath(directory)
+    folder = os.path.join(os.fspath(cache_dir), "compiled")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    return folder

@@ -154,7 +154,7 @@ def start_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     ``config.compilation_cache``: compiled steps are kept under ``<cache_dir>/compiled``."""
     validate_config(config)
     if config.compilation_cache:
-        use_compilation_cache(Path(config.cache_dir or DEFAULT_CACHE_DIR) / "compiled")
+        use_compilation_cache(config.cache_dir or DEFAULT_CACHE_DIR)
     initialize_distributed(config)
     check_processes_agree(config.to_dict())
     workdir = Path(workdir).absolute()
