@@ -50,6 +50,7 @@ from se3jax.layers.pooling import SMOOTH_POOLINGS
 from se3jax.model import SE3TransformerPooled
 from se3jax.training.checkpoints import Checkpointer, CheckpointError
 from se3jax.training.config import model_kwargs
+from se3jax.training.loop import input_signature
 from se3jax.training.workdir import CHECKPOINT_DIR, CONFIG_FILE, DOMAIN_FILE, NORMALISATION_FILE
 
 logger = logging.getLogger(__name__)
@@ -126,8 +127,7 @@ class Predictor:
 
         def checked(params, graphs: jraph.GraphsTuple) -> jax.Array:
             validate_graphs(graphs, model.node_features_dim, model.edge_features_dim, model.execution.paired_edges)
-            leaves, tree = jax.tree.flatten((params, graphs))
-            key = (tree, tuple((np.shape(x), jnp.result_type(x), getattr(x, "weak_type", False)) for x in leaves))
+            key = input_signature((params, graphs))
             if key not in executables:
                 executables[key] = compile_and_release(jitted, params, graphs)
             return executables[key](params, graphs)

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from se3jax.training.parallel import prefetch_to_device
 
@@ -97,6 +99,13 @@ class MetricsWindow:
         return out
 
 
+def input_signature(inputs) -> tuple:
+    """What a compiled executable is specific to: the tree's structure and each leaf's shape,
+    dtype and weak type. Hashable (a dictionary key for executables)."""
+    leaves, tree = jax.tree.flatten(inputs)
+    return tree, tuple((np.shape(x), jnp.result_type(x), getattr(x, "weak_type", False)) for x in leaves)
+
+
 class ShapeWatch:
     """Tells when a step is about to compile: for its first inputs, and -- with a warning --
     when they change shape or dtype (the step then compiles again, seconds each time; with
@@ -114,7 +123,7 @@ class ShapeWatch:
 
     def check(self, inputs) -> bool:
         """Whether the step compiles for ``inputs``."""
-        signature = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), inputs)
+        signature = input_signature(inputs)
         if signature == self.signature:
             return False
         if self.signature is not None:
