@@ -13,7 +13,7 @@ from se3jax.edges import EdgeInputs
 from se3jax.execution import Execution, FuseLevel
 from se3jax.fiber import Fiber
 from se3jax.layers.attention import AttentionBlockSE3
-from se3jax.layers.convolution import ConvSE3, PathGroup, conv_plan
+from se3jax.layers.convolution import ConvSE3, PathGroup, conv_plan, group_weights
 from se3jax.model import SE3TransformerPooled
 from se3jax.testing import synthetic_batch
 
@@ -162,16 +162,33 @@ def test_path_groups_compare_as_values():
     assert len({a[0], b[0], a[1]}) == 2
 
 
-def _dot_generals(jaxpr):
-    """Every dot_general of a jaxpr, inside checkpoints, loops and custom rules too."""
+@pytest.mark.parametrize("level", [FuseLevel.NONE, FuseLevel.PARTIAL_OUT, FuseLevel.FULL])
+def test_group_weights_are_the_groups_kernel_columns_sliced_where_contiguous(level):
+    # a single path's columns are one range: sliced (gradient: a pad), never gathered (a
+    # scatter-add in the backward pass, 5% of a CPU training step); fused groups gather
+    plan = conv_plan(HIDDEN, HIDDEN, level, 3)
+    kernel = jnp.asarray(np.random.default_rng(0).normal(size=(4, plan.n_weights)), jnp.float32)
+    for group in plan.groups:
+        np.testing.assert_array_equal(group_weights(kernel, group), kernel[:, group.weight_index])
+        jaxpr = jax.make_jaxpr(lambda k: group_weights(k, group))(kernel).jaxpr
+        primitives = {e.primitive.name for e in _equations(jaxpr)}
+        assert ("gather" in primitives) == (level != FuseLevel.NONE), primitives
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, inside checkpoints, loops, nested jits and custom rules too."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            yield eqn
+        yield eqn
         for value in eqn.params.values():
             for sub in value if isinstance(value, (list, tuple)) else (value,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    yield from _dot_generals(inner)
+                    yield from _equations(inner)
+
+
+def _dot_generals(jaxpr):
+    """Every dot_general of a jaxpr, inside checkpoints, loops and custom rules too."""
+    return (eqn for eqn in _equations(jaxpr) if eqn.primitive.name == "dot_general")
 
 
 @pytest.mark.parametrize("precision,expected", [("fp32", "HIGHEST"), ("tf32", "HIGH"), ("bf16", "DEFAULT")])
