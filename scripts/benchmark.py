@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from se3jax.benchmarking import TABLE_HEADER, Setting, format_row, interleaved, measure  # noqa: E402
 from se3jax.execution import REMAT_CHOICES, Execution, FuseLevel  # noqa: E402
-from se3jax.host_memory import peak_rss_bytes  # noqa: E402
+from se3jax.host_memory import peak_rss_bytes, restart_with_huge_pages  # noqa: E402
 from se3jax.precision import TRAINING_POLICIES  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def loader_throughput(
     }
 
 
-def main(argv=None) -> int:
+def main(argv=None, as_script: bool = False) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fuse-level", nargs="+", default=["auto"], choices=[l.value for l in FuseLevel])
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=TRAINING_POLICIES)
@@ -107,6 +107,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default="", help="with --loader: the processed QM9 cache folder")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if as_script and not args.loader and set(args.mode) == {"train"}:
+        restart_with_huge_pages()  # as the training entry point does (se3jax.host_memory)
 
     if args.loader:
         results = [loader_throughput(b, cache_dir=args.cache_dir) for b in args.batch_size]
@@ -165,4 +167,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(as_script=True))

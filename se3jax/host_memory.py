@@ -1,13 +1,17 @@
-"""The process's host memory: its peak resident set, and handing freed memory back to the OS.
+"""The process's host memory: its peak resident set, handing freed memory back to the OS, and
+the allocator's page size for training processes.
 
-Used by the training loop and the predictor (which compile ahead with :func:`compile_and_release`)
-and the benchmarks (which report the peak).
+Used by the training loop and the predictor (which compile ahead with :func:`compile_and_release`),
+the benchmarks (which report the peak), and the training entry points
+(:func:`restart_with_huge_pages`). Imports no JAX: it may run before JAX is loaded.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import platform
 import resource
 import sys
 
@@ -45,3 +49,44 @@ def peak_rss_bytes() -> int:
     except (OSError, StopIteration):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_pages_environment(environ=None, thp_mode_file: str = THP_MODE_FILE) -> dict | None:
+    """The environment that makes glibc's malloc back its large blocks with transparent huge
+    pages, or ``None`` where that is already set, turned off (``SE3JAX_HUGE_PAGES=0``), or not
+    available (not glibc 2.35+ on Linux, or the kernel's THP mode is ``never``)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("SE3JAX_HUGE_PAGES", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    libc, version = platform.libc_ver()
+    try:
+        if libc != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
+            return None
+        with open(thp_mode_file) as f:
+            if "[never]" in f.read():
+                return None
+    except (OSError, ValueError):
+        return None
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tunables:
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGE_PAGES_TUNABLE) if t)}
+
+
+def restart_with_huge_pages() -> None:
+    """Re-execute this Python process (same interpreter, same arguments) with
+    :func:`huge_pages_environment`, when it returns one; else return.
+
+    For processes that train, called before JAX is imported (glibc reads its tunables only at
+    start). XLA's CPU runtime allocates a training step's scratch memory (546 MB at batch 100)
+    afresh for every step, and glibc maps such blocks anew each time: ~150,000 page faults per
+    step with 4 KB pages, ~3,000 with huge pages. Measured on the 2-core machine: the training
+    loop at batch 100 23-25 -> 27-32 molecules/s, the benchmark's step +8%, the same peak RSS.
+    Not for inference: its smaller steps measured 12% slower with huge pages."""
+    environment = huge_pages_environment()
+    if environment is not None:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
