@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from se3jax.benchmarking import TABLE_HEADER, Setting, format_row, interleaved, measure  # noqa: E402
 from se3jax.execution import REMAT_CHOICES, Execution, FuseLevel  # noqa: E402
-from se3jax.host_memory import peak_rss_bytes, restart_with_huge_pages  # noqa: E402
+from se3jax.host_memory import peak_rss_bytes, restart_with_training_allocator  # noqa: E402
 from se3jax.precision import TRAINING_POLICIES  # noqa: E402
 
 
@@ -108,7 +108,7 @@ def main(argv=None, as_script: bool = False) -> int:
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if as_script and not args.loader and set(args.mode) == {"train"}:
-        restart_with_huge_pages()  # as the training entry point does (se3jax.host_memory)
+        restart_with_training_allocator()  # as the training entry point does (se3jax.host_memory)
 
     if args.loader:
         results = [loader_throughput(b, cache_dir=args.cache_dir) for b in args.batch_size]

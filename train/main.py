@@ -14,9 +14,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":  # before JAX is imported: glibc reads its settings at start
-    from se3jax.host_memory import restart_with_huge_pages
+    from se3jax.host_memory import restart_with_training_allocator
 
-    restart_with_huge_pages()
+    restart_with_training_allocator()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
