@@ -92,7 +92,9 @@ def restart_with_training_allocator() -> None:
 
     - XLA's CPU runtime allocates a training step's scratch memory (546 MB) afresh for every
       step, and glibc maps such blocks anew each time: ~150,000 page faults per step with 4 KB
-      pages, ~3,000 with huge pages. The training loop: 23-25 -> 27-32 molecules/s.
+      pages, ~3,000 with huge pages (system time per 4.5 s step 0.45 -> 0.13 s). The
+      benchmark's step: 20.9 / 21.8 against 19.3 / 17.4 molecules/s (A/B/A/B); the training
+      loop: the same speed within this machine's noise.
     - Each step also leaves glibc's per-thread heaps more fragmented: the peak RSS grew by
       ~50 MB over the first 7 steps (1.46 -> 1.51 GB); with blocks of 2 MiB and more mapped on
       their own (and unmapped when freed) it stays at 1.39-1.41 GB, at the same speed.
