@@ -52,8 +52,8 @@ def peak_rss_bytes() -> int:
 
 
 # glibc malloc settings for training processes (GLIBC_TUNABLES, read at process start):
-# large blocks backed by transparent huge pages, and blocks of 2 MiB or more mapped on their own
-TRAINING_TUNABLES = {"glibc.malloc.hugetlb": "1", "glibc.malloc.mmap_threshold": str(2 << 20)}
+# large blocks backed by transparent huge pages, and blocks of 16 MiB or more mapped on their own
+TRAINING_TUNABLES = {"glibc.malloc.hugetlb": "1", "glibc.malloc.mmap_threshold": str(16 << 20)}
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -88,16 +88,18 @@ def restart_with_training_allocator() -> None:
     :func:`training_allocator_environment`, when it returns one; else return.
 
     For processes that train, called before JAX is imported (glibc reads its tunables only at
-    start). Measured on the 2-core machine at batch 100 (the reference model, fp32):
+    start). Measured on the 2-core machine at batch 100 (the reference model, fp32), counted with
+    ``getrusage`` over 6 steps, separate processes:
 
     - XLA's CPU runtime allocates a training step's scratch memory (546 MB) afresh for every
-      step, and glibc maps such blocks anew each time: ~150,000 page faults per step with 4 KB
-      pages, ~3,000 with huge pages (system time per 4.5 s step 0.45 -> 0.13 s). The
-      benchmark's step: 20.9 / 21.8 against 19.3 / 17.4 molecules/s (A/B/A/B); the training
-      loop: the same speed within this machine's noise.
-    - Each step also leaves glibc's per-thread heaps more fragmented: the peak RSS grew by
-      ~50 MB over the first 7 steps (1.46 -> 1.51 GB); with blocks of 2 MiB and more mapped on
-      their own (and unmapped when freed) it stays at 1.39-1.41 GB, at the same speed.
+      step, and glibc maps such blocks anew each time: ~140,000 page faults and 0.4-0.5 s of
+      system time per step with 4 KB pages, ~4,000 and 0.1 s with huge pages.
+    - The step also allocates blocks of 8-12 MB outside that scratch memory; mapped on their
+      own (a threshold of 8 MiB or less) they cost ~240,000-310,000 page faults and 1.1-1.6 s
+      of system time per step; from glibc's heaps (16 MiB) ~4,000-9,000 and 0.1-0.2 s.
+    - Without a fixed threshold glibc's own grows with what is freed, and its per-thread heaps
+      fragment: peak RSS 1.55-1.61 GB against 1.50-1.52 GB with 16 MiB (1.44 GB with 2 MiB, at
+      the system time above).
 
     Not for inference: its smaller steps measured 12% slower with huge pages."""
     environment = training_allocator_environment()
