@@ -208,11 +208,12 @@ def group_weights(kernel: jax.Array, group: PathGroup) -> jax.Array:
 
 
 def plan_weights(kernel: jax.Array, plan: ConvPlan) -> tuple[jax.Array, ...]:
-    """Every group's weights (:func:`group_weights`), taken once per layer outside the edge
-    chunks. Groups that tile the kernel's columns in order (one per path, ``none``) are one
-    ``split``, whose gradient is one concatenation: sliced inside the chunk loop, the kernel's
-    gradient was a sum of 16 padded blocks per chunk (0.36 of a CPU training step's 8.9 busy
-    seconds at batch 100)."""
+    """Every group's weights (:func:`group_weights`). Groups that tile the kernel's columns in
+    order (one per path, ``none``) are one ``split``, whose gradient is one concatenation:
+    sliced one by one, the kernel's gradient was a sum of 16 padded blocks in every edge chunk
+    (0.36 of a CPU training step's 8.9 busy seconds at batch 100). Taken inside the chunks:
+    split before the loop, the groups' copies were kept for the backward pass (+33 MB of XLA
+    temporaries at batch 100), for the same speed."""
     bounds = np.cumsum([0] + [g.weight_index.size for g in plan.groups])
     tiled = bounds[-1] == kernel.shape[1] and all(
         np.array_equal(g.weight_index, np.arange(bounds[k], bounds[k + 1])) for k, g in enumerate(plan.groups)
@@ -309,7 +310,7 @@ def by_edge(x: jax.Array) -> jax.Array:
 def edge_messages(
     plan: ConvPlan,
     radial_hidden,
-    weights: tuple[jax.Array, ...],
+    kernel: jax.Array,
     features: Features,
     policy: Policy,
     paired: bool,
@@ -328,7 +329,7 @@ def edge_messages(
         hidden = radial_hidden(scalars)
     with jax.named_scope("gather"):
         x_src = {d: x[senders] for d, x in features.items()}
-    out = tfn_messages(plan, hidden, weights, x_src, harmonics, policy, paired, kernel_choice)
+    out = tfn_messages(plan, hidden, plan_weights(kernel, plan), x_src, harmonics, policy, paired, kernel_choice)
     return {d: by_bond(m) for d, m in out.items()} if paired else out
 
 
@@ -378,9 +379,8 @@ class ConvSE3(nn.Module):
             name = "radial" if len(trunks) == 1 else f"radial_{t}"
             outputs.append(RadialProfile(len(columns[-1]), execution=execution, name=name)(scalars))
         hidden, kernel = stack_trunks(outputs, columns, plan.n_weights)
-        weights = plan_weights(kernel, plan)  # outside the chunk loop: its gradient summed once
         messages = functools.partial(
-            edge_messages, plan, hidden, weights, features, policy, paired, resolve_kernel(execution)
+            edge_messages, plan, hidden, kernel, features, policy, paired, resolve_kernel(execution)
         )
         rows = scalars.shape[0]
         chunk = edge_chunk_rows(execution, rows, plan.n_weights)
