@@ -175,15 +175,21 @@ def test_group_weights_are_the_groups_kernel_columns_sliced_where_contiguous(lev
         assert ("gather" in primitives) == (level != FuseLevel.NONE), primitives
 
 
+def _sub_jaxprs(eqn):
+    """The jaxprs an equation runs (checkpoint, loop and cond bodies, nested jits, custom rules)."""
+    for value in eqn.params.values():
+        for sub in value if isinstance(value, (list, tuple)) else (value,):
+            inner = getattr(sub, "jaxpr", sub)
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
 def _equations(jaxpr):
     """Every equation of a jaxpr, inside checkpoints, loops, nested jits and custom rules too."""
     for eqn in jaxpr.eqns:
         yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _equations(inner)
+        for inner in _sub_jaxprs(eqn):
+            yield from _equations(inner)
 
 
 def _dot_generals(jaxpr):
@@ -311,19 +317,10 @@ def test_training_keeps_no_per_edge_radial_activations_outside_the_chunks():
     assert kept and not per_row, f"per-row radial activations kept for the backward pass: {per_row}"
 
 
-def _loop_body_primitives(jaxpr, inside: bool = False) -> set[str]:
+def _loop_body_primitives(jaxpr) -> set[str]:
     """Names of the primitives that run inside a scan or while loop of ``jaxpr``."""
-    names = set()
-    for eqn in jaxpr.eqns:
-        if inside:
-            names.add(eqn.primitive.name)
-        loop = inside or eqn.primitive.name in ("scan", "while")
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    names |= _loop_body_primitives(inner, loop)
-    return names
+    loops = (eqn for eqn in _equations(jaxpr) if eqn.primitive.name in ("scan", "while"))
+    return {eqn.primitive.name for loop in loops for body in _sub_jaxprs(loop) for eqn in _equations(body)}
 
 
 def test_the_radial_kernel_is_split_into_groups_not_sliced():

@@ -211,9 +211,7 @@ def plan_weights(kernel: jax.Array, plan: ConvPlan) -> tuple[jax.Array, ...]:
     """Every group's weights (:func:`group_weights`). Groups that tile the kernel's columns in
     order (one per path, ``none``) are one ``split``, whose gradient is one concatenation:
     sliced one by one, the kernel's gradient was a sum of 16 padded blocks in every edge chunk
-    (0.36 of a CPU training step's 8.9 busy seconds at batch 100). Taken inside the chunks:
-    split before the loop, the groups' copies were kept for the backward pass (+33 MB of XLA
-    temporaries at batch 100), for the same speed."""
+    (0.36 of a CPU training step's 8.9 busy seconds at batch 100)."""
     bounds = np.cumsum([0] + [g.weight_index.size for g in plan.groups])
     tiled = bounds[-1] == kernel.shape[1] and all(
         np.array_equal(g.weight_index, np.arange(bounds[k], bounds[k + 1])) for k, g in enumerate(plan.groups)
@@ -329,6 +327,8 @@ def edge_messages(
         hidden = radial_hidden(scalars)
     with jax.named_scope("gather"):
         x_src = {d: x[senders] for d, x in features.items()}
+    # split in every chunk: split once before the loop, the groups' copies were kept for the
+    # backward pass (+33 MB of XLA temporaries at batch 100), for the same speed
     out = tfn_messages(plan, hidden, plan_weights(kernel, plan), x_src, harmonics, policy, paired, kernel_choice)
     return {d: by_bond(m) for d, m in out.items()} if paired else out
 
