@@ -40,9 +40,13 @@ def model() -> SE3Transformer:
     return SE3Transformer(Fiber({0: 6}), Fiber.create(2, 16), Fiber({1: 1}), num_layers=2, num_heads=2)
 
 
-def batch_budget(batch_size: int) -> PaddingBudget:
-    """Room for ``batch_size`` of QM9's largest molecules (29 atoms, 56 directed bond edges)."""
-    return PaddingBudget(n_node=batch_size * 29 + 1, n_edge=batch_size * 56 + 2, n_graph=batch_size + 1)
+def batch_budget(batch_size: int, max_atoms: int = 29, max_bond_edges: int = 56) -> PaddingBudget:
+    """Room for ``batch_size`` of the largest molecules (QM9's: 29 atoms, 56 directed bond
+    edges), so any random batch fits. The radius graph has ``max_atoms * MAX_NEIGHBOURS`` edge
+    slots per molecule, all computed: sized from the molecules loaded, not from all of QM9."""
+    return PaddingBudget(
+        n_node=batch_size * max_atoms + 1, n_edge=batch_size * max_bond_edges + 2, n_graph=batch_size + 1
+    )
 
 
 @jax.jit
@@ -76,7 +80,8 @@ def train(
 ) -> dict:
     dataset = load_qm9(cache_dir, "homo", max_molecules=molecules)
     train_idx = dataset.splits["train"]
-    budget = batch_budget(batch_size)
+    sizes = dataset.stats()
+    budget = batch_budget(batch_size, sizes["max_nodes"], sizes["max_edges"])
     rng = np.random.default_rng(seed)
     stream = batches(dataset, train_idx, batch_size, budget, rng)
     first = next(stream)
@@ -129,7 +134,13 @@ def train(
         errors.append(
             relative_error(np.asarray(rotated)[np.asarray(mask)], np.asarray(out @ rotation.T)[np.asarray(mask)])
         )
-    return {"losses": losses, "baseline": NOISE**2, "equivariance_error": max(errors), "params": params}
+    return {
+        "losses": losses,
+        "baseline": NOISE**2,
+        "equivariance_error": max(errors),
+        "params": params,
+        "budget": budget,
+    }
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ def test_denoising_example_learns_equivariant_displacements(qm9_subset_cache, qm
     # the trained model's displacements rotate with noisy validation molecules (and ignore a
     # translation), to float32 rounding
     # (padded as the example's training batches: its compiled predict is reused)
-    graphs = pad_to_budget(qm9_subset.batch_graphs(qm9_subset.splits["val"][:8]), denoise_qm9.batch_budget(8))
+    graphs = pad_to_budget(qm9_subset.batch_graphs(qm9_subset.splits["val"][:8]), result["budget"])
     mask = np.asarray(padding_masks(graphs).nodes)
     noise = np.random.default_rng(0).normal(size=mask.shape + (3,)) * denoise_qm9.NOISE * mask[:, None]
     positions = jnp.asarray(graphs.nodes[POSITIONS] + noise, jnp.float32)
