@@ -45,11 +45,21 @@ def graph_layer_fn(module, params, graphs):
     return jax.jit(lambda positions, features: module.apply(params, features, graph_edges(graphs, positions)))
 
 
-def init_graph_layer(module, graphs, fiber_in, dtype):
-    positions = jnp.asarray(graphs.nodes[POSITIONS], dtype)
-    features = random_features(fiber_in, positions.shape[0], dtype)
-    params = jax.jit(module.init)(jax.random.PRNGKey(0), features, graph_edges(graphs, positions))
-    return params, positions, features
+_INITIALISED = {}  # (layer, dtype, graphs) -> its parameters and inputs, shared by every level
+
+
+def init_graph_layer(layer, graphs, dtype):
+    """A graph layer's parameters, positions and input features. Initialised once per layer
+    and dtype, at level ``none``: every fusion level has the same parameters (one canonical
+    radial kernel; tests/test_execution.py checks it), so each level's test reuses them."""
+    key = (layer, jnp.dtype(dtype).name, id(graphs))
+    if key not in _INITIALISED:
+        module = GRAPH_LAYERS[layer](FuseLevel.NONE, "fp64" if dtype == jnp.float64 else "fp32")
+        positions = jnp.asarray(graphs.nodes[POSITIONS], dtype)
+        features = random_features(FIBER_IN[layer], positions.shape[0], dtype)
+        params = jax.jit(module.init)(jax.random.PRNGKey(0), features, graph_edges(graphs, positions))
+        _INITIALISED[key] = params, positions, features
+    return _INITIALISED[key]
 
 
 def run(level, precision, **options):
@@ -84,7 +94,7 @@ FIBER_IN = {
 @pytest.mark.parametrize("level", LEVELS, ids=lambda l: l.value)
 def test_graph_layers_equivariant_float64(layer, level, small_batch, rotations, x64):
     module = GRAPH_LAYERS[layer](level, "fp64")
-    params, positions, features = init_graph_layer(module, small_batch, FIBER_IN[layer], jnp.float64)
+    params, positions, features = init_graph_layer(layer, small_batch, jnp.float64)
     fn = graph_layer_fn(module, params, small_batch)
     assert_equivariant(fn, positions, features, rotations, rtol=1e-9, translation=jnp.array([0.3, -2.0, 1.5]))
 
@@ -92,7 +102,7 @@ def test_graph_layers_equivariant_float64(layer, level, small_batch, rotations, 
 @pytest.mark.parametrize("layer", ["conv_uniform", "attention"])
 def test_graph_layers_equivariant_float32(layer, small_batch, rotations):
     module = GRAPH_LAYERS[layer](FuseLevel.AUTO, "fp32")
-    params, positions, features = init_graph_layer(module, small_batch, FIBER_IN[layer], jnp.float32)
+    params, positions, features = init_graph_layer(layer, small_batch, jnp.float32)
     fn = graph_layer_fn(module, params, small_batch)
     assert_equivariant(fn, positions, features, rotations, rtol=1e-5)
 
@@ -114,8 +124,7 @@ def test_node_layers_equivariant_float64(module, fiber, rotations, x64):
 @pytest.mark.parametrize("layer", ["conv_uniform", "conv_ragged_self_interaction", "attention", "conv_paired_chunked"])
 def test_fusion_levels_agree_values_and_gradients(layer, small_batch):
     """Same parameters at every level (one canonical kernel) -> same outputs and gradients."""
-    reference = GRAPH_LAYERS[layer](FuseLevel.NONE, "fp32")
-    params, positions, features = init_graph_layer(reference, small_batch, FIBER_IN[layer], jnp.float32)
+    params, positions, features = init_graph_layer(layer, small_batch, jnp.float32)
 
     def outputs_and_grads(level):
         module = GRAPH_LAYERS[layer](level, "fp32")
@@ -149,7 +158,7 @@ def test_allowed_levels_follow_the_fibers():
 
 def test_conv_rejects_features_of_the_wrong_fiber(small_batch):
     module = GRAPH_LAYERS["conv_uniform"](FuseLevel.NONE, "fp32")
-    params, positions, features = init_graph_layer(module, small_batch, UNIFORM, jnp.float32)
+    params, positions, features = init_graph_layer("conv_uniform", small_batch, jnp.float32)
     fn = graph_layer_fn(module, params, small_batch)
     bad = dict(features)
     bad[2] = bad[2][:, :3]
