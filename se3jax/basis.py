@@ -8,8 +8,9 @@ For an edge with direction ``r̂`` and a path ``(d_in, d_out)``, the basis is
 Every layout (one path, or several paths fused block-diagonally into one tensor) is a linear
 function of the stacked harmonics ``Y[e, :]`` of all orders ``J <= 2 max_degree``, so each is a
 single matmul ``Y @ Q`` with a constant ``Q`` built once in numpy from e3nn-jax's
-Clebsch–Gordan numbers. Only ``Y`` depends on positions, and it carries gradients, so forces
-(d output / d positions) are available.
+Clebsch–Gordan numbers (up to degree 3 from a table shipped with the package). Only ``Y``
+depends on positions, and it carries gradients, so forces (d output / d positions) are
+available.
 
 >>> import numpy as np
 >>> num_frequencies(1, 2), harmonics_dim(6)
@@ -22,8 +23,8 @@ Clebsch–Gordan numbers. Only ``Y`` depends on positions, and it carries gradie
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
-import e3nn_jax as e3nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,9 +40,38 @@ def harmonics_dim(max_order: int) -> int:
     return (max_order + 1) ** 2
 
 
+# e3nn-jax's coefficients for degrees <= 3 (scripts/clebsch_gordan_table.py): importing
+# e3nn-jax takes 2.4 s (scipy.signal, sympy), more than half of a training run's imports
+CLEBSCH_GORDAN_TABLE = Path(__file__).with_name("clebsch_gordan.npz")
+
+
+def clebsch_gordan_table_triples(max_degree: int = 3, max_recursion_order: int = 7):
+    """The table's ``(d_in, d_out, J)``: every coupling of degrees <= ``max_degree``, and the
+    harmonics recursion's ``(l, 1, l + 1)`` for ``l <= max_recursion_order``."""
+    triples = [
+        (a, b, j) for a in range(max_degree + 1) for b in range(max_degree + 1) for j in range(abs(a - b), a + b + 1)
+    ]
+    return triples + [(l, 1, l + 1) for l in range(max_degree + 1, max_recursion_order + 1)]
+
+
 @functools.cache
-def _clebsch_gordan(d_in: int, d_out: int, order: int) -> np.ndarray:
-    """CG_J[m_in, m_out, mJ] in e3nn's real basis, float64, computed once per triple."""
+def _clebsch_gordan_table() -> dict[str, np.ndarray]:
+    with np.load(CLEBSCH_GORDAN_TABLE) as table:
+        arrays = {key: table[key] for key in table.files}
+    for array in arrays.values():
+        array.setflags(write=False)  # shared by every caller
+    return arrays
+
+
+@functools.cache
+def clebsch_gordan(d_in: int, d_out: int, order: int) -> np.ndarray:
+    """CG_J[m_in, m_out, mJ] in e3nn's real basis, float64: from the table, else from e3nn-jax."""
+    table = _clebsch_gordan_table()
+    key = f"{d_in}_{d_out}_{order}"
+    if key in table:
+        return table[key]
+    import e3nn_jax as e3nn  # only for degrees beyond the table's
+
     return np.asarray(e3nn.clebsch_gordan(d_in, d_out, order), dtype=np.float64)
 
 
@@ -55,7 +85,7 @@ def path_basis_matrix(d_in: int, d_out: int) -> np.ndarray:
     q = np.zeros((harmonics_dim(d_in + d_out), 2 * d_in + 1, n_f, 2 * d_out + 1))
     for f in range(n_f):
         order = abs(d_in - d_out) + f
-        cg = _clebsch_gordan(d_in, d_out, order)  # [m_in, m_out, mJ]
+        cg = clebsch_gordan(d_in, d_out, order)  # [m_in, m_out, mJ]
         q[order**2 : (order + 1) ** 2, :, f, :] = np.transpose(cg, (2, 0, 1))
     q.setflags(write=False)
     return q.reshape(q.shape[0], -1)
@@ -90,7 +120,7 @@ def _harmonics_recursion(max_order: int) -> tuple[np.ndarray, ...]:
     direction = np.array([0.36, -0.48, 0.8])  # any unit vector
     y, steps = np.ones(1), []
     for order in range(max_order):
-        cg = np.asarray(e3nn.clebsch_gordan(order, 1, order + 1), dtype=np.float64)
+        cg = clebsch_gordan(order, 1, order + 1)
         raw = np.einsum("i,j,ijk->k", y, direction, cg)
         scale = np.sqrt(2 * order + 3) / np.linalg.norm(raw)
         steps.append(cg * scale)

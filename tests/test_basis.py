@@ -1,12 +1,22 @@
 """The kernel bases are equivariant: K(R r) = D_in(R) K(r) D_out(R)^T, for every path."""
 
+import subprocess
+import sys
+
 import e3nn_jax as e3nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from se3jax.basis import edge_geometry, safe_directions, stacked_harmonics
+from se3jax.basis import (
+    CLEBSCH_GORDAN_TABLE,
+    clebsch_gordan,
+    clebsch_gordan_table_triples,
+    edge_geometry,
+    safe_directions,
+    stacked_harmonics,
+)
 from se3jax.layers.convolution import all_paths, path_bases, path_bases_matrix
 from se3jax.testing import wigner_d
 
@@ -81,3 +91,22 @@ def test_zero_length_edges_give_finite_values_and_gradients(debug_nans):
     assert np.isfinite(value) and np.all(np.isfinite(grad))
     _, lengths = edge_geometry(positions, senders, receivers, 2 * MAX_DEGREE)
     assert float(lengths[1]) == 0.0 and float(lengths[0]) == pytest.approx(np.sqrt(1.25))
+
+
+def test_clebsch_gordan_table_is_e3nns_and_spares_its_import():
+    """The shipped table (scripts/clebsch_gordan_table.py) holds e3nn-jax's coefficients,
+    exactly, for every triple it lists; a triple beyond it comes from e3nn-jax itself. Building
+    a model and training import no e3nn-jax (2.4 s of every run's start)."""
+    with np.load(CLEBSCH_GORDAN_TABLE) as table:
+        assert sorted(table.files) == sorted(f"{a}_{b}_{j}" for a, b, j in clebsch_gordan_table_triples())
+    for a, b, j in clebsch_gordan_table_triples() + [(4, 4, 2)]:
+        np.testing.assert_array_equal(clebsch_gordan(a, b, j), np.asarray(e3nn.clebsch_gordan(a, b, j), np.float64))
+    probe = (
+        "import sys, jax, numpy as np; from se3jax.layers.convolution import conv_plan; "
+        "from se3jax.fiber import Fiber; import se3jax.training.train, se3jax.inference; "
+        "from se3jax.basis import stacked_harmonics; "
+        "conv_plan(Fiber.create(4, 2), Fiber.create(4, 2), 'none', 3); stacked_harmonics(np.ones((2, 3)) / 3**0.5, 6); "
+        "print(sorted(m for m in sys.modules if m.startswith(('e3nn', 'sympy'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split("\n")[-2] == "[]", (done.stdout, done.stderr[-2000:])
