@@ -12,19 +12,15 @@ tests/test_basis.py checks that the table equals e3nn-jax's numbers.
 import sys
 from pathlib import Path
 
-import e3nn_jax as e3nn
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from se3jax.basis import CLEBSCH_GORDAN_TABLE, clebsch_gordan_table_triples  # noqa: E402
+from se3jax.basis import CLEBSCH_GORDAN_TABLE, clebsch_gordan_table_triples, e3nn_clebsch_gordan  # noqa: E402
 
 
 def main() -> None:
-    table = {
-        f"{a}_{b}_{j}": np.asarray(e3nn.clebsch_gordan(a, b, j), dtype=np.float64)
-        for a, b, j in clebsch_gordan_table_triples()
-    }
+    table = {f"{a}_{b}_{j}": e3nn_clebsch_gordan(a, b, j) for a, b, j in clebsch_gordan_table_triples()}
     np.savez_compressed(CLEBSCH_GORDAN_TABLE, **table)
     print(f"{len(table)} triples -> {CLEBSCH_GORDAN_TABLE} ({CLEBSCH_GORDAN_TABLE.stat().st_size:,} bytes)")
 

@@ -68,9 +68,13 @@ def clebsch_gordan(d_in: int, d_out: int, order: int) -> np.ndarray:
     """CG_J[m_in, m_out, mJ] in e3nn's real basis, float64: from the table, else from e3nn-jax."""
     table = _clebsch_gordan_table()
     key = f"{d_in}_{d_out}_{order}"
-    if key in table:
-        return table[key]
-    import e3nn_jax as e3nn  # only for degrees beyond the table's
+    return table[key] if key in table else e3nn_clebsch_gordan(d_in, d_out, order)
+
+
+def e3nn_clebsch_gordan(d_in: int, d_out: int, order: int) -> np.ndarray:
+    """e3nn-jax's coefficients computed (it is imported here: for the table's script and for
+    degrees beyond the table's), float64."""
+    import e3nn_jax as e3nn
 
     return np.asarray(e3nn.clebsch_gordan(d_in, d_out, order), dtype=np.float64)
 
