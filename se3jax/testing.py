@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-import e3nn_jax as e3nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +43,10 @@ def random_rotations(rng: np.random.Generator, num: int) -> np.ndarray:
 def wigner_d(degree: int, rotation: jax.Array) -> jax.Array:
     """Real Wigner-D matrix of ``degree`` for ``rotation`` in e3nn's basis (what the
     harmonics and Clebsch–Gordan numbers use)."""
+    # imported here: the benchmarks import this module, and e3nn-jax (scipy, sympy) holds
+    # ~100 MB of a process's memory that never calls this
+    import e3nn_jax as e3nn
+
     return e3nn.Irrep(degree, (-1) ** degree).D_from_matrix(rotation)
 
 

@@ -96,14 +96,15 @@ def test_zero_length_edges_give_finite_values_and_gradients(debug_nans):
 def test_clebsch_gordan_table_is_e3nns_and_spares_its_import():
     """The shipped table (scripts/clebsch_gordan_table.py) holds e3nn-jax's coefficients,
     exactly, for every triple it lists; a triple beyond it comes from e3nn-jax itself. Building
-    a model and training import no e3nn-jax (2.4 s of every run's start)."""
+    a model, training, inference and the benchmarks import no e3nn-jax (2.4 s of every run's
+    start, and ~100 MB of the peak RSS the benchmarks report)."""
     with np.load(CLEBSCH_GORDAN_TABLE) as table:
         assert sorted(table.files) == sorted(f"{a}_{b}_{j}" for a, b, j in clebsch_gordan_table_triples())
     for a, b, j in clebsch_gordan_table_triples() + [(4, 4, 2)]:
         np.testing.assert_array_equal(clebsch_gordan(a, b, j), np.asarray(e3nn.clebsch_gordan(a, b, j), np.float64))
     probe = (
         "import sys, jax, numpy as np; from se3jax.layers.convolution import conv_plan; "
-        "from se3jax.fiber import Fiber; import se3jax.training.train, se3jax.inference; "
+        "from se3jax.fiber import Fiber; import se3jax.training.train, se3jax.inference, se3jax.benchmarking; "
         "from se3jax.basis import stacked_harmonics; "
         "conv_plan(Fiber.create(4, 2), Fiber.create(4, 2), 'none', 3); stacked_harmonics(np.ones((2, 3)) / 3**0.5, 6); "
         "print(sorted(m for m in sys.modules if m.startswith(('e3nn', 'sympy'))))"
