@@ -68,7 +68,11 @@ def clebsch_gordan(d_in: int, d_out: int, order: int) -> np.ndarray:
     """CG_J[m_in, m_out, mJ] in e3nn's real basis, float64: from the table, else from e3nn-jax."""
     table = _clebsch_gordan_table()
     key = f"{d_in}_{d_out}_{order}"
-    return table[key] if key in table else e3nn_clebsch_gordan(d_in, d_out, order)
+    if key in table:
+        return table[key]
+    cg = e3nn_clebsch_gordan(d_in, d_out, order)
+    cg.setflags(write=False)  # cached: shared by every caller, as the table's arrays are
+    return cg
 
 
 def e3nn_clebsch_gordan(d_in: int, d_out: int, order: int) -> np.ndarray:
