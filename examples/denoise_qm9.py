@@ -27,6 +27,7 @@ from se3jax.data.qm9 import DEFAULT_CACHE_DIR, load_qm9  # noqa: E402
 from se3jax.edges import edge_inputs  # noqa: E402
 from se3jax.fiber import Fiber  # noqa: E402
 from se3jax.graphs import FEATURES, POSITIONS, PaddingBudget, node_graph_index, pad_to_budget, padding_masks  # noqa: E402
+from se3jax.initialisation import init_params  # noqa: E402
 from se3jax.model import SE3Transformer  # noqa: E402
 from se3jax.point_clouds import radius_graph  # noqa: E402
 from se3jax.testing import random_rotations, relative_error  # noqa: E402
@@ -92,14 +93,13 @@ def train(
         node_graph_index(g),
     )
 
-    @jax.jit  # one compiled call: op by op, the radius graph and Flax's init compile every primitive
-    def init(clean, features, mask, index):
+    @jax.jit  # one compiled call: op by op, the radius graph compiles every primitive on its own
+    def edges_of(clean, mask, index):
         graph = radius_graph(clean, CUTOFF, MAX_NEIGHBOURS, mask=mask, segment_ids=index)
-        edges = edge_inputs(clean, graph.senders, graph.receivers, 1, mask=graph.mask)
-        return model().init(jax.random.PRNGKey(seed), {0: features[:, :, None]}, edges)
+        return edge_inputs(clean, graph.senders, graph.receivers, 1, mask=graph.mask)
 
     clean, features, mask, index = fields(first)
-    params = init(clean, features, mask, index)
+    params = init_params(model(), jax.random.PRNGKey(seed), {0: features[:, :, None]}, edges_of(clean, mask, index))
     optimizer = optax.adam(3e-3)
     opt_state = optimizer.init(params)
 

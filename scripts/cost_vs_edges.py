@@ -42,6 +42,7 @@ from se3jax.execution import Execution
 from se3jax.fiber import Fiber
 from se3jax.graphs import FEATURES, POSITIONS, padding_masks
 from se3jax.host_memory import compile_and_release, peak_rss_bytes
+from se3jax.initialisation import init_params
 from se3jax.model import SE3Transformer, SE3TransformerPooled
 from se3jax.neighbours import build_radius_graph
 from se3jax.testing import synthetic_batch
@@ -110,7 +111,7 @@ def trunk_steps(g):
             positions, e["senders"], e["receivers"], 2, mask=e["mask"], shifts=e.get("shifts"), cell=e.get("cell")
         )
 
-    params = jax.jit(trunk.init)(jax.random.PRNGKey(0), features, edges(g["positions"], graph_arguments(g)))
+    params = init_params(trunk, jax.random.PRNGKey(0), features, edges(g["positions"], graph_arguments(g)))
     forward = lambda p, x, e: trunk.apply(p, features, edges(x, e))
     loss = lambda p, x, e: sum(jnp.sum(v**2) for v in forward(p, x, e).values())
     return params, forward, jax.grad(loss), graph_arguments(g)
@@ -119,7 +120,7 @@ def trunk_steps(g):
 def qm9_steps(g):
     model = SE3TransformerPooled()
     graphs = jax.tree.map(jnp.asarray, g["graphs"])
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), graphs)
+    params = init_params(model, jax.random.PRNGKey(0), graphs)
 
     def with_positions(x, graphs):
         return graphs._replace(nodes={**graphs.nodes, POSITIONS: x, FEATURES: graphs.nodes[FEATURES]})

@@ -24,6 +24,7 @@ from se3jax.execution import Execution, edge_chunk_rows, remat_radial, resolve_f
 from se3jax.fiber import Fiber
 from se3jax.graphs import HARMONICS, POSITIONS, padding_masks
 from se3jax.host_memory import peak_rss_bytes, release_freed_host_memory
+from se3jax.initialisation import init_params
 from se3jax.layers.convolution import conv_plan
 from se3jax.model import SE3TransformerPooled
 from se3jax.precision import get_policy
@@ -136,7 +137,7 @@ def resolved_plan(setting: Setting, num_edges: int, backend: str | None = None) 
 def _initial_params(num_layers: int, num_channels: int, num_heads: int):
     model = SE3TransformerPooled(num_layers=num_layers, num_channels=num_channels, num_heads=num_heads)
     example = synthetic_batch(np.random.default_rng(0), 2)
-    return jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), example))
+    return jax.device_get(init_params(model, jax.random.PRNGKey(0), example))
 
 
 @dataclasses.dataclass

@@ -44,6 +44,7 @@ class SE3Transformer(nn.Module):
 
     >>> import jax, jax.numpy as jnp
     >>> from se3jax.edges import edge_inputs
+    >>> from se3jax.initialisation import init_params
     >>> from se3jax.point_clouds import radius_graph
     >>> points = jax.random.normal(jax.random.PRNGKey(0), (12, 3)) * 2
     >>> graph = radius_graph(points, cutoff=3.0, max_neighbours=11)
@@ -51,7 +52,7 @@ class SE3Transformer(nn.Module):
     >>> features = {0: jnp.ones((12, 4, 1)), 1: jnp.zeros((12, 1, 3))}  # scalars and a vector
     >>> trunk = SE3Transformer(Fiber({0: 4, 1: 1}), Fiber.create(2, 8), Fiber({1: 1}), num_layers=2,
     ...                        num_heads=2)
-    >>> params = jax.jit(trunk.init)(jax.random.PRNGKey(1), features, edges)  # jit: one compile
+    >>> params = init_params(trunk, jax.random.PRNGKey(1), features, edges)
     >>> jax.jit(trunk.apply)(params, features, edges)[1].shape  # one vector per point
     (12, 1, 3)
     """
@@ -137,8 +138,8 @@ class SE3TransformerPooled(nn.Module):
         num_graphs = graphs.n_node.shape[0]
         pooled = pool_nodes(out[0][..., 0], node_graph_index(graphs), masks.nodes, num_graphs, self.pooling)
         precision = get_policy(self.execution.precision).dot_precision
-        h = nn.relu(torch_dense(self.mlp_dim, pooled.shape[-1], precision, name="mlp_hidden")(pooled))
-        out = torch_dense(1, self.mlp_dim, precision, name="mlp_out")(h)[:, 0]
+        h = nn.relu(torch_dense(self, self.mlp_dim, pooled.shape[-1], precision, name="mlp_hidden")(pooled))
+        out = torch_dense(self, 1, self.mlp_dim, precision, name="mlp_out")(h)[:, 0]
         # The host entry points (batch loader, predictor) refuse unpaired edges with a clear
         # error (graphs.check_paired_edges); a user's own jit gets NaN, never wrong numbers.
         if paired:

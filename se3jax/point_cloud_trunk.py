@@ -12,11 +12,12 @@ silently wrong answer (the graph is also sown as ``intermediates/graph`` for ins
 
 >>> import jax, jax.numpy as jnp
 >>> from se3jax.fiber import Fiber
+>>> from se3jax.initialisation import init_params
 >>> points = jax.random.normal(jax.random.PRNGKey(0), (20, 3)) * 2
 >>> features = {0: jnp.ones((20, 4, 1))}
 >>> trunk = PointCloudTrunk(Fiber({0: 4}), Fiber.create(2, 8), Fiber({1: 1}), num_layers=1, num_heads=2,
 ...                         graph="knn", k=6)
->>> params = jax.jit(trunk.init)(jax.random.PRNGKey(1), features, points)  # jit: one compile
+>>> params = init_params(trunk, jax.random.PRNGKey(1), features, points)
 >>> jax.jit(trunk.apply)(params, features, points)[1].shape  # one vector per point
 (20, 1, 3)
 """

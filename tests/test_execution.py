@@ -12,6 +12,7 @@ from se3jax.basis import HARMONICS_SCOPE
 from se3jax.edges import EdgeInputs
 from se3jax.execution import Execution, FuseLevel
 from se3jax.fiber import Fiber
+from se3jax.initialisation import init_params
 from se3jax.layers.attention import AttentionBlockSE3
 from se3jax.layers.convolution import ConvSE3, PathGroup, conv_plan, group_weights
 from se3jax.model import SE3TransformerPooled
@@ -238,7 +239,7 @@ def test_cpu_plan_computes_the_unchunked_function(monkeypatch, small_batch):
     for mode in ("infer", "train"):  # the plan really chunks this batch in both modes
         chunk = ex.edge_chunk_rows(model.execution.for_mode(mode), rows, plan.n_weights, "cpu")
         assert chunk is not None and -(-rows // chunk) >= 2, mode
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), small_batch)
+    params = init_params(model, jax.random.PRNGKey(0), small_batch)
     unchunked = model.clone(execution=model.execution.replace(edge_chunk=1 << 30))
     outputs = [jax.jit(m.apply)(params, small_batch) for m in (model, unchunked)]
     assert jnp.allclose(*outputs, rtol=1e-5, atol=1e-6)

@@ -13,6 +13,7 @@ from se3jax.edges import edge_inputs
 from se3jax.execution import Execution
 from se3jax.fiber import Fiber
 from se3jax.graphs import FEATURES, POSITIONS, padding_masks
+from se3jax.initialisation import init_params
 from se3jax.layers import ConvSE3
 from se3jax.layers.fused_kernel import Tiles, fused_messages, reference_messages
 from se3jax.model import SE3TransformerPooled
@@ -131,7 +132,8 @@ def test_model_steps_lower_to_gpu_kernels_for_cuda(mode):
     batch = synthetic_batch(np.random.default_rng(0), 3)
     optimizer = optax.adam(1e-3)
     # abstract parameters and state: nothing runs, only the lowering
-    state = jax.eval_shape(lambda: create_train_state(small_model("xla"), optimizer, batch, jax.random.PRNGKey(0)))
+    params = jax.eval_shape(small_model("xla").init, jax.random.PRNGKey(0), batch)
+    state = jax.eval_shape(lambda p: create_train_state(small_model("xla"), optimizer, batch, None, params=p), params)
     texts = {}
     for kernel in ("pallas", "xla"):
         model = small_model(kernel)
@@ -167,7 +169,7 @@ def test_convolution_with_the_kernel_is_equivariant_and_equal(small_batch, rotat
     einsum = ConvSE3(fiber, fiber, execution=Execution(precision="fp64", kernel="xla", fuse_level="full"))
     # the same parameters whatever the kernel: initialised through the einsums (an eager
     # interpret-mode kernel is slow)
-    params = jax.jit(einsum.init)(jax.random.PRNGKey(0), features, conv_edges(small_batch, positions))
+    params = init_params(einsum, jax.random.PRNGKey(0), features, conv_edges(small_batch, positions))
     fn = jax.jit(lambda p, f: fused.apply(params, f, conv_edges(small_batch, p)))
     assert_equivariant(fn, positions, features, rotations[:3], rtol=1e-9)
     expected = jax.jit(lambda p, f: einsum.apply(params, f, conv_edges(small_batch, p)))(positions, features)

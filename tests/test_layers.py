@@ -14,6 +14,7 @@ from se3jax.edges import edge_inputs
 from se3jax.execution import Execution, FuseLevel, allowed_levels
 from se3jax.fiber import Fiber
 from se3jax.graphs import FEATURES, POSITIONS, padding_masks
+from se3jax.initialisation import init_params
 from se3jax.layers import AttentionBlockSE3, ConvSE3, LinearSE3, NormSE3
 from se3jax.testing import assert_equivariant, relative_error
 
@@ -57,7 +58,7 @@ def init_graph_layer(layer, graphs, dtype):
         module = GRAPH_LAYERS[layer](FuseLevel.NONE, "fp64" if dtype == jnp.float64 else "fp32")
         positions = jnp.asarray(graphs.nodes[POSITIONS], dtype)
         features = random_features(FIBER_IN[layer], positions.shape[0], dtype)
-        params = jax.jit(module.init)(jax.random.PRNGKey(0), features, graph_edges(graphs, positions))
+        params = init_params(module, jax.random.PRNGKey(0), features, graph_edges(graphs, positions))
         _INITIALISED[key] = params, positions, features
     return _INITIALISED[key]
 

@@ -16,6 +16,7 @@ from se3jax.edges import edge_inputs
 from se3jax.execution import Execution
 from se3jax.fiber import Fiber
 from se3jax.graphs import FEATURES, POSITIONS, PaddingBudget, pad_to_budget, padding_masks
+from se3jax.initialisation import init_params
 from se3jax.model import SE3Transformer, SE3TransformerPooled
 from se3jax.testing import assert_equivariant, relative_error, synthetic_molecule
 
@@ -41,7 +42,7 @@ def cast_floats(graphs, dtype):
 @pytest.fixture(scope="module")
 def model_and_params(small_batch):
     model = small_model()
-    return model, jax.jit(model.init)(jax.random.PRNGKey(0), small_batch)
+    return model, init_params(model, jax.random.PRNGKey(0), small_batch)
 
 
 def test_trunk_equivariant_float64_all_degrees(small_batch, rotations, x64):
@@ -63,7 +64,8 @@ def test_trunk_equivariant_float64_all_degrees(small_batch, rotations, x64):
 
     features = {0: graphs.nodes[FEATURES][:, :, None]}
     positions = graphs.nodes[POSITIONS]
-    params = jax.jit(trunk.init)(
+    params = init_params(
+        trunk,
         jax.random.PRNGKey(1),
         features,
         edge_inputs(positions, graphs.senders, graphs.receivers, 3, graphs.edges[FEATURES], edge_mask),
@@ -80,7 +82,7 @@ def pooled_fn(model, params, graphs):
 def test_pooled_model_invariant_float64(small_batch, rotations, x64):
     graphs = cast_floats(small_batch, jnp.float64)
     model = small_model(precision="fp64")
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), graphs)
+    params = init_params(model, jax.random.PRNGKey(0), graphs)
     assert_equivariant(
         pooled_fn(model, params, graphs),
         graphs.nodes[POSITIONS],
@@ -212,7 +214,7 @@ def test_pallas_kernel_gives_the_xla_values_and_gradients(small_batch):
         )
         for k in ("pallas", "xla")
     ]
-    params = jax.jit(models[1].init)(jax.random.PRNGKey(0), small_batch)
+    params = init_params(models[1], jax.random.PRNGKey(0), small_batch)
     (value, grads), (ref_value, ref_grads) = (_value_and_grad(m, params, small_batch) for m in models)
     assert relative_error(value, ref_value) < 1e-5
     for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):

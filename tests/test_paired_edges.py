@@ -10,6 +10,7 @@ from se3jax.data.loader import BatchLoader
 from se3jax.data.qm9 import Normalisation
 from se3jax.graphs import PaddingBudget, check_paired_edges, pad_to_budget
 from se3jax.inference import Predictor
+from se3jax.initialisation import init_params
 from se3jax.model import SE3TransformerPooled
 from se3jax.testing import synthetic_molecule
 
@@ -64,7 +65,7 @@ def test_the_batch_loader_refuses_unpaired_edges():
 def test_the_predictor_refuses_unpaired_edges_that_would_give_nan():
     good, bad = molecules()
     model = SE3TransformerPooled(num_layers=1, num_degrees=2, num_channels=8, num_heads=2)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), pad_to_budget(good, BUDGET))
+    params = init_params(model, jax.random.PRNGKey(0), pad_to_budget(good, BUDGET))
     predictor = Predictor(model, params, Normalisation("homo", "eV", 0.0, 1.0), BUDGET)
     assert np.isfinite(np.asarray(predictor.jitted(params, pad_to_budget(good, BUDGET)))[:2]).all()
     unpaired = pad_to_budget(bad, BUDGET)

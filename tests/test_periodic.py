@@ -14,6 +14,7 @@ from se3jax.ase_calculator import RadiusGraphCalculator, SE3Calculator
 from se3jax.edges import edge_inputs
 from se3jax.execution import Execution
 from se3jax.fiber import Fiber
+from se3jax.initialisation import init_params
 from se3jax.model import SE3Transformer
 from se3jax.neighbours import cell_list_radius_graph
 from se3jax.testing import random_rotations
@@ -57,12 +58,11 @@ def system(x64):
     features = {0: jnp.ones((8, 2, 1), jnp.float64)}
 
     @jax.jit  # one compiled call: op by op, the cell list compiles every primitive on its own
-    def init(x):
+    def edges_of(x):
         graph = cell_list_radius_graph(x, CUTOFF, 64, cell=cell, pbc=True)
-        edges = edge_inputs(x, graph.senders, graph.receivers, 1, mask=graph.mask, shifts=graph.shifts, cell=cell)
-        return trunk.init(jax.random.PRNGKey(0), features, edges)
+        return edge_inputs(x, graph.senders, graph.receivers, 1, mask=graph.mask, shifts=graph.shifts, cell=cell)
 
-    params = init(jnp.asarray(atoms.positions))
+    params = init_params(trunk, jax.random.PRNGKey(0), features, edges_of(jnp.asarray(atoms.positions)))
     bound = lambda numbers, positions, c, g: energy_fn(params, numbers, positions, c, g)
     atoms.calc = RadiusGraphCalculator(bound, CUTOFF, max_neighbours=64)
     return atoms, bound, params

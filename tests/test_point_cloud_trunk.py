@@ -8,6 +8,7 @@ import pytest
 
 from se3jax.execution import Execution
 from se3jax.fiber import Fiber
+from se3jax.initialisation import init_params
 from se3jax.point_cloud_trunk import PointCloudTrunk
 from se3jax.testing import assert_equivariant
 
@@ -23,7 +24,7 @@ def make(dtype=jnp.float64, **graph):
     rng = np.random.default_rng(0)
     points = jnp.asarray(rng.normal(size=(N, 3)) * 1.5, dtype)
     features = {0: jnp.asarray(rng.normal(size=(N, 2, 1)), dtype), 1: jnp.asarray(rng.normal(size=(N, 1, 3)), dtype)}
-    params = jax.jit(trunk.init)(jax.random.PRNGKey(0), features, points)
+    params = init_params(trunk, jax.random.PRNGKey(0), features, points)
     return trunk, params, points, features
 
 

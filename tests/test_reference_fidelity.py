@@ -70,7 +70,7 @@ def test_linear_weights_are_stored_as_the_reference_and_used_as_is():
 
 
 def test_layer_norms_are_the_references():
-    ln = layer_norm("n")
+    ln = layer_norm(None, "n")
     assert ln.epsilon == LAYER_NORM_EPSILON == 1e-5 and ln.use_fast_variance is False
     # exact variance: a large mean does not swamp a small spread (the one-pass formula does)
     # (in float32, E[x^2] - E[x]^2 at a mean of 1e4 cancels to noise: 1e8 has a spacing of 8)

@@ -15,6 +15,7 @@ import pytest
 from se3jax.edges import edge_inputs
 from se3jax.execution import Execution
 from se3jax.fiber import Fiber
+from se3jax.initialisation import init_params
 from se3jax.model import SE3Transformer
 from se3jax.point_clouds import radius_graph
 from se3jax.testing import assert_equivariant, random_rotations, relative_error, rotate_features
@@ -60,7 +61,8 @@ def test_trunk_equivariant_float64(name, rotations, x64):
         fiber_in, hidden, fiber_out, num_layers=2, num_heads=2, execution=Execution(precision="fp64", paired_edges=True)
     )
     features = features_for(fiber_in, jnp.float64)
-    params = jax.jit(trunk.init)(
+    params = init_params(
+        trunk,
         jax.random.PRNGKey(0),
         features,
         edge_inputs(points, graph.senders, graph.receivers, max_degree, mask=graph.mask),
@@ -104,7 +106,7 @@ def vector_trunk_inputs():
     points, graph = cloud(dtype=jnp.float32)
     features = features_for(fiber_in, jnp.float32)
     edges = edge_inputs(points, graph.senders, graph.receivers, max_degree, mask=graph.mask)
-    params = jax.jit(vector_trunk().init)(jax.random.PRNGKey(0), features, edges)
+    params = init_params(vector_trunk(), jax.random.PRNGKey(0), features, edges)
     return points, graph, features, params
 
 
@@ -153,7 +155,7 @@ def test_padding_points_change_nothing_and_stay_finite(debug_nans):
         return trunk.apply(params, features, edges)[1]
 
     edges = edge_inputs(padded, graph.senders, graph.receivers, max_degree, mask=graph.mask)
-    params = jax.jit(trunk.init)(jax.random.PRNGKey(0), features, edges)
+    params = init_params(trunk, jax.random.PRNGKey(0), features, edges)
     out = jax.jit(run)(params, padded)
     moved = jax.jit(run)(params, padded.at[NUM_POINTS:].set(5.0))  # padding points elsewhere
     np.testing.assert_allclose(out[:NUM_POINTS], moved[:NUM_POINTS], rtol=1e-6, atol=1e-7)
@@ -173,7 +175,8 @@ def test_trunk_composes_with_vmap_grad_and_remat():
         edges = edge_inputs(positions, graph.senders, graph.receivers, max_degree, mask=graph.mask)
         return trunk.apply(params, feats, edges)[1]
 
-    params = jax.jit(trunk.init)(
+    params = init_params(
+        trunk,
         jax.random.PRNGKey(0),
         features,
         edge_inputs(points[0], clouds[0][1].senders, clouds[0][1].receivers, max_degree, mask=clouds[0][1].mask),

@@ -36,6 +36,6 @@ class NormSE3(nn.Module):
             for d, _ in self.fiber:
                 x = at_least_f32(features[d])
                 n = safe_norm(x)  # [N, C, 1]
-                new = nn.relu(layer_norm(name=f"layer_norm_{d}")(n[..., 0]))[..., None]
+                new = nn.relu(layer_norm(self, name=f"layer_norm_{d}")(n[..., 0]))[..., None]
                 out[d] = x * (new / n)
         return out

@@ -24,38 +24,44 @@ import numpy as np
 
 from se3jax.execution import Execution
 from se3jax.fiber import Fiber
+from se3jax.initialisation import Initialiser
 from se3jax.precision import at_least_f32, get_policy
 
-# PyTorch's nn.Linear initialisation: weights and biases uniform in +-1/sqrt(fan_in)
-torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 LAYER_NORM_EPSILON = 1e-5  # PyTorch's default, as the reference
 
 
-def torch_bias_init(fan_in: int):
-    """Biases uniform in +-1/sqrt(fan_in) (PyTorch's ``nn.Linear``)."""
-    bound = 1.0 / np.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+def _path(parent: nn.Module | None, name: str) -> tuple[str, ...]:
+    """The path of ``parent``'s child ``name`` (``None``: the layer is used on its own)."""
+    return () if parent is None else (*parent.path, name)
 
 
-def torch_dense(features: int, fan_in: int, precision, name: str, use_bias: bool = True) -> nn.Dense:
-    """``nn.Dense`` initialised as PyTorch's ``nn.Linear(fan_in, features)``."""
+def torch_dense(
+    parent: nn.Module | None, features: int, fan_in: int, precision, name: str, use_bias: bool = True
+) -> nn.Dense:
+    """``nn.Dense`` (a child of ``parent``) initialised as PyTorch's ``nn.Linear(fan_in,
+    features)``: weights and biases uniform in +-1/sqrt(fan_in)."""
+    bound, path = 1.0 / np.sqrt(fan_in), _path(parent, name)
     return nn.Dense(
         features,
         use_bias=use_bias,
         precision=precision,
-        kernel_init=torch_kernel_init,
-        bias_init=torch_bias_init(fan_in),
+        kernel_init=Initialiser((*path, "kernel"), "uniform", bound),
+        bias_init=Initialiser((*path, "bias"), "uniform", bound),
         name=name,
     )
 
 
-def layer_norm(name: str) -> nn.LayerNorm:
-    """LayerNorm as the reference's: epsilon 1e-5, exact two-pass variance."""
-    return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, use_fast_variance=False, name=name)
+def layer_norm(parent: nn.Module | None, name: str) -> nn.LayerNorm:
+    """LayerNorm (a child of ``parent``) as the reference's: epsilon 1e-5, exact two-pass
+    variance, scale 1 and bias 0 at first."""
+    path = _path(parent, name)
+    return nn.LayerNorm(
+        epsilon=LAYER_NORM_EPSILON,
+        use_fast_variance=False,
+        scale_init=Initialiser((*path, "scale"), "constant", 1.0),
+        bias_init=Initialiser((*path, "bias"), "constant", 0.0),
+        name=name,
+    )
 
 
 def radial_trunks(fiber_in: Fiber, fiber_out: Fiber, max_degree: int) -> tuple[tuple[tuple[int, int], ...], ...]:
@@ -101,8 +107,8 @@ class RadialProfile(nn.Module):
         precision = get_policy(self.execution.precision).dot_precision
         layers, width = [], edge_scalars.shape[-1]
         for i in range(2):
-            dense = torch_dense(self.mid_dim, width, precision, name=f"dense_{i}")
-            norm = layer_norm(name=f"norm_{i}")
+            dense = torch_dense(self, self.mid_dim, width, precision, name=f"dense_{i}")
+            norm = layer_norm(self, name=f"norm_{i}")
             # parameters made from a one-row example (their shapes need only the width)
             norm(dense(jnp.zeros((1, width), jnp.float32)))
             layers.append((dense.clone(parent=None), dense.variables, norm.clone(parent=None), norm.variables))
@@ -114,7 +120,9 @@ class RadialProfile(nn.Module):
                 h = nn.relu(norm.apply(norm_variables, dense.apply(dense_variables, h)))
             return h
 
-        kernel = self.param("kernel_out", torch_kernel_init, (self.mid_dim, self.n_weights), jnp.float32)
+        bound = 1.0 / np.sqrt(self.mid_dim)  # PyTorch's nn.Linear, as the other layers
+        kernel_init = Initialiser((*self.path, "kernel_out"), "uniform", bound)
+        kernel = self.param("kernel_out", kernel_init, (self.mid_dim, self.n_weights), jnp.float32)
         return hidden, kernel
 
 

@@ -20,6 +20,7 @@ from flax.training import train_state
 from flax.training.dynamic_scale import DynamicScale
 
 from se3jax.graphs import TARGET, padding_masks
+from se3jax.initialisation import init_params
 
 INITIAL_LOSS_SCALE = 2.0**15  # fp16's largest power of two is 2^15: the first steps rarely overflow
 
@@ -50,7 +51,7 @@ def create_train_state(
     """A fresh state: ``params`` initialised from ``rng`` (or the ones given). ``loss_scaling``:
     dynamic loss scaling from 2^15, halved on overflow (never below 1), doubled after 2,000
     finite steps. ``ema_decay > 0`` also keeps a moving average of the parameters."""
-    params = jax.jit(model.init)(rng, graphs) if params is None else params
+    params = init_params(model, rng, graphs) if params is None else params
     loss_scale = DynamicScale(
         fin_steps=jnp.zeros((), jnp.int32), scale=jnp.asarray(INITIAL_LOSS_SCALE, jnp.float32), minimum_scale=1.0
     )
