@@ -14,6 +14,7 @@ _EXPORTS = {
     "FuseLevel": "se3jax.execution",
     "Features": "se3jax.fiber",
     "Fiber": "se3jax.fiber",
+    "init_params": "se3jax.initialisation",
     "AttentionBlockSE3": "se3jax.layers",
     "ConvSE3": "se3jax.layers",
     "LinearSE3": "se3jax.layers",
