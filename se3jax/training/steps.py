@@ -48,9 +48,10 @@ def create_train_state(
     params=None,
     ema_decay: float = 0.0,
 ) -> TrainState:
-    """A fresh state: ``params`` initialised from ``rng`` (or the ones given). ``loss_scaling``:
-    dynamic loss scaling from 2^15, halved on overflow (never below 1), doubled after 2,000
-    finite steps. ``ema_decay > 0`` also keeps a moving average of the parameters."""
+    """A fresh state: ``params`` drawn from ``rng`` on the host (:func:`se3jax.init_params`; or
+    the ones given). ``loss_scaling``: dynamic loss scaling from 2^15, halved on overflow (never
+    below 1), doubled after 2,000 finite steps. ``ema_decay > 0`` also keeps a moving average of
+    the parameters."""
     params = init_params(model, rng, graphs) if params is None else params
     loss_scale = DynamicScale(
         fin_steps=jnp.zeros((), jnp.int32), scale=jnp.asarray(INITIAL_LOSS_SCALE, jnp.float32), minimum_scale=1.0
