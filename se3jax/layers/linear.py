@@ -8,7 +8,7 @@ import numpy as np
 
 from se3jax.execution import Execution
 from se3jax.fiber import Features, Fiber
-from se3jax.initialisation import Initialiser
+from se3jax.initialisation import param
 from se3jax.precision import at_least_f32, get_policy
 
 
@@ -34,8 +34,7 @@ class LinearSE3(nn.Module):
             c_in = self.fiber_in[d]
             # stored as the reference's randn / sqrt(c_in) and used as is: Adam's steps are then
             # the same size relative to the weights as in the reference
-            init = Initialiser((*self.path, f"weight_{d}"), "normal", 1.0 / np.sqrt(c_in))
-            w = self.param(f"weight_{d}", init, (c_out, c_in), jnp.float32)
+            w = param(self, f"weight_{d}", "normal", 1.0 / np.sqrt(c_in), (c_out, c_in))
             x = at_least_f32(features[d])  # [N, i, m]
             out[d] = jnp.einsum("oi,nim->nom", w.astype(x.dtype), x, precision=precision)
         return out

@@ -24,7 +24,7 @@ import numpy as np
 
 from se3jax.execution import Execution
 from se3jax.fiber import Fiber
-from se3jax.initialisation import Initialiser
+from se3jax.initialisation import Initialiser, param
 from se3jax.precision import at_least_f32, get_policy
 
 LAYER_NORM_EPSILON = 1e-5  # PyTorch's default, as the reference
@@ -121,8 +121,7 @@ class RadialProfile(nn.Module):
             return h
 
         bound = 1.0 / np.sqrt(self.mid_dim)  # PyTorch's nn.Linear, as the other layers
-        kernel_init = Initialiser((*self.path, "kernel_out"), "uniform", bound)
-        kernel = self.param("kernel_out", kernel_init, (self.mid_dim, self.n_weights), jnp.float32)
+        kernel = param(self, "kernel_out", "uniform", bound, (self.mid_dim, self.n_weights))
         return hidden, kernel
 
 
