@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from se3jax.benchmarking import TABLE_HEADER, Setting, format_row, interleaved, measure  # noqa: E402
-from se3jax.execution import REMAT_CHOICES, Execution, FuseLevel  # noqa: E402
+from se3jax.execution import KERNELS, REMAT_CHOICES, Execution, FuseLevel  # noqa: E402
 from se3jax.host_memory import peak_rss_bytes, restart_with_training_allocator  # noqa: E402
 from se3jax.precision import TRAINING_POLICIES  # noqa: E402
 
@@ -83,6 +83,13 @@ def main(argv=None, as_script: bool = False) -> int:
         help="recompute the per-edge radial weights in the backward pass",
     )
     parser.add_argument(
+        "--kernel",
+        nargs="+",
+        default=["auto"],
+        choices=KERNELS,
+        help="how the radial weights are contracted (se3jax.execution.resolve_kernel)",
+    )
+    parser.add_argument(
         "--edges",
         nargs="+",
         default=["paired"],
@@ -122,7 +129,7 @@ def main(argv=None, as_script: bool = False) -> int:
         print(f"backend={jax.default_backend()} devices={jax.devices()} jax={jax.__version__}", flush=True)
         print(TABLE_HEADER, flush=True)
         settings = []
-        for mode, batch, level, precision, chunk, cap, low, remat, edges in itertools.product(
+        for mode, batch, level, precision, chunk, cap, low, remat, kernel, edges in itertools.product(
             args.mode,
             args.batch_size,
             args.fuse_level,
@@ -131,6 +138,7 @@ def main(argv=None, as_script: bool = False) -> int:
             args.radial_memory_mb,
             on_off[args.low_memory],
             args.remat,
+            args.kernel,
             args.edges,
         ):
             execution = Execution(
@@ -140,6 +148,7 @@ def main(argv=None, as_script: bool = False) -> int:
                 radial_memory_mb=cap,
                 low_memory=low,
                 remat=remat,
+                kernel=kernel,
                 paired_edges=edges == "paired",
             )
             settings.append(

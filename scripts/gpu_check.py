@@ -71,10 +71,11 @@ def settings(tiny: bool) -> list[tuple[str, Setting, dict]]:
         row("train", TRAIN_SMALL, precision="tf32", fuse_level="none"),
     ]
     rows += [("rejected", s, {}) for s in rejected]
-    # the fused Pallas kernel next to XLA's einsums at the GPU plan's fusion level, in pairs (a
-    # budget cut keeps whole pairs): --only "partial_out xla" "partial_out pallas" runs exactly these
+    # the fused Pallas kernel and the channels-last einsums (the CPU's choice) next to XLA's
+    # einsums at the GPU plan's fusion level, side by side: --only "partial_out xla" "partial_out
+    # pallas" runs exactly these
     for mode, batch, precision in KERNEL_ROWS:
-        for kernel in ("xla", "pallas"):
+        for kernel in ("xla", "xla_channels_last", "pallas"):
             rows.append(("kernel", row(mode, batch, precision=precision, fuse_level="partial_out", kernel=kernel), {}))
     # fp16 vs bf16: is it the loss-scale bookkeeping?
     rows.append(("fp16", dataclasses.replace(row("train", TRAIN_SMALL, precision="fp16"), loss_scaling=False), {}))

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from se3jax.edges import edge_inputs
-from se3jax.execution import Execution, edge_chunk_rows, remat_radial, resolve_fuse_level
+from se3jax.execution import Execution, edge_chunk_rows, remat_radial, resolve_fuse_level, resolve_kernel
 from se3jax.fiber import Fiber
 from se3jax.graphs import HARMONICS, POSITIONS, padding_masks
 from se3jax.host_memory import peak_rss_bytes, release_freed_host_memory
@@ -118,17 +118,19 @@ def rotated(graphs, rotation: np.ndarray):
 
 
 def resolved_plan(setting: Setting, num_edges: int, backend: str | None = None) -> dict:
-    """What ``auto`` resolves to for the hidden layers of this setting: level and edge chunk."""
+    """What ``auto`` resolves to for the hidden layers of this setting: level, edge chunk,
+    rematerialisation and contraction kernel."""
     e = setting.execution.for_mode(setting.mode)
     hidden = Fiber.create(4, setting.num_channels)
     level = resolve_fuse_level(e.fuse_level, hidden, hidden, backend, e.mode)
     plan = conv_plan(hidden, hidden, level, 3)
     rows = num_edges // 2 if e.paired_edges else num_edges
     chunk = edge_chunk_rows(e, rows, plan.n_weights, backend)
-    remat = remat_radial(e, rows, plan.n_weights, chunk is not None, backend) if e.mode == "train" else None
+    recomputed = remat_radial(e, rows, plan.n_weights, chunk is not None, backend)
     return {
         "resolved_level": level.value,
-        "resolved_remat": remat,
+        "resolved_remat": recomputed if e.mode == "train" else None,
+        "resolved_kernel": resolve_kernel(e, recomputed, backend),
         "resolved_chunk_edges": None if chunk is None else chunk * (2 if e.paired_edges else 1),
     }
 

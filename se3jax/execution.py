@@ -36,7 +36,7 @@ from se3jax.precision import POLICIES, get_policy
 
 MODES = ("train", "infer")
 REMAT_CHOICES = ("auto", "on", "off")
-KERNELS = ("auto", "xla", "pallas")
+KERNELS = ("auto", "xla", "xla_channels_last", "pallas")
 
 
 class FuseLevel(enum.StrEnum):
@@ -103,9 +103,10 @@ class Execution:
     )
     kernel: str = _option(
         "auto",
-        "how a fusion group contracts its per-edge radial weights: ``xla`` (einsums), ``pallas`` "
-        "(se3jax.layers.fused_kernel: the weights never leave the chip) or ``auto`` "
-        "(:func:`resolve_kernel`).",
+        "how a fusion group contracts its per-edge radial weights: ``xla`` (einsums), "
+        "``xla_channels_last`` (einsums with the weights' output channels innermost; the backward "
+        "pass recomputes them), ``pallas`` (se3jax.layers.fused_kernel: the weights never leave "
+        "the chip) or ``auto`` (:func:`resolve_kernel`).",
         KERNELS,
     )
     mode: str = _option(
@@ -172,14 +173,29 @@ _PREFERENCE = {
 _WIDEST_FIRST = (FuseLevel.FULL, FuseLevel.PARTIAL_OUT, FuseLevel.PARTIAL_IN, FuseLevel.NONE)
 
 
-def resolve_kernel(execution: Execution) -> str:
-    """``auto`` -> ``xla`` on every backend: the Pallas kernel runs where a setting asks for
-    it, until a GPU measurement (``scripts/gpu_check.py --only "partial_out xla" "partial_out
-    pallas"``: the kernel next to XLA at batch 240/1000/1600, bf16/tf32/fp32) shows it faster
-    for a backend and fusion group; that choice is then made here, next to its figures. Not
-    measured yet: ``scripts/check_kernel.py`` only proves it compiles for sm_90 within the
-    register and shared-memory limits."""
-    return "xla" if execution.kernel == "auto" else execution.kernel
+def resolve_kernel(execution: Execution, recomputed: bool, backend: str | None = None) -> str:
+    """``auto`` -> ``xla_channels_last`` on a CPU in inference, and in training when the radial
+    weights are recomputed for the backward pass anyway (``recomputed``: :func:`remat_radial`,
+    always so by default on a CPU); else ``xla``.
+
+    On a CPU the contraction ``msg[r, s, o, k] = sum_j R[r, o, j] t[r, s, j, k]`` ran at 3-8
+    GFLOP/s with ``R`` laid out ``[o, j]`` and 2x faster with ``[j, o]`` (2-core Intel Xeon, JAX
+    0.10.2, the QM9 model's hidden-layer groups in isolation); the gradients are faster in the
+    first layout, so that path's backward recomputes ``R`` as ``[o, j]`` (one more radial
+    product: free where the weights are rematerialised). In the QM9 model at batch 100, steps
+    alternated in one process (median of paired ratios): inference 0.84-0.88 of the ``xla``
+    step time, training 0.94 (docs/performance.md). On a GPU not measured yet: ``xla``.
+
+    The Pallas kernel runs where a setting asks for it, until a GPU measurement
+    (``scripts/gpu_check.py --only "partial_out xla" "partial_out pallas"``: the kernel next to
+    XLA at batch 240/1000/1600, bf16/tf32/fp32) shows it faster for a backend and fusion group;
+    that choice is then made here, next to its figures. Not measured yet:
+    ``scripts/check_kernel.py`` only proves it compiles for sm_90 within the register and
+    shared-memory limits."""
+    if execution.kernel != "auto":
+        return execution.kernel
+    no_stored_weights = recomputed or execution.mode == "infer"
+    return "xla_channels_last" if no_stored_weights and backend_kind(backend) == "cpu" else "xla"
 
 
 def backend_kind(backend: str | None = None) -> str:

@@ -24,7 +24,9 @@ def test_denoising_example_learns_equivariant_displacements(qm9_subset_cache, qm
     assert losses[-50:].mean() < losses[50:100].mean()
 
     # the trained model's displacements rotate with noisy validation molecules (and ignore a
-    # translation), to float32 rounding
+    # translation), to float32 rounding: measured up to 3.5e-6 relative at XLA's default
+    # optimisation, 7e-6 (xla contraction) and 1.3e-5 (channels-last) at the suite's -O0;
+    # a broken equivariance gives O(1)
     # (padded as the example's training batches: its compiled predict is reused)
     graphs = pad_to_budget(qm9_subset.batch_graphs(qm9_subset.splits["val"][:8]), result["budget"])
     mask = np.asarray(padding_masks(graphs).nodes)
@@ -37,7 +39,7 @@ def test_denoising_example_learns_equivariant_displacements(qm9_subset_cache, qm
     for rotation in rotations:
         rotation = jnp.asarray(rotation, jnp.float32)
         moved, _ = predict(positions @ rotation.T + jnp.array([3.0, -1.0, 2.0]))
-        assert relative_error(np.asarray(moved)[mask], np.asarray(out @ rotation.T)[mask]) < 1e-5
+        assert relative_error(np.asarray(moved)[mask], np.asarray(out @ rotation.T)[mask]) < 3e-5
 
 
 def test_periodic_force_field_learns_lennard_jones_forces_equivariantly(rotations):

@@ -145,6 +145,18 @@ def test_remat_rule(monkeypatch):
     assert ex.remat_radial(bf16.replace(remat="on"), 8, 45_056, chunked=False, backend="gpu")
 
 
+def test_kernel_rule():
+    # a CPU contracts the radial weights channels-last where no stored weights are needed
+    # (inference, or recomputed for the backward pass: always by default on a CPU)
+    assert ex.resolve_kernel(Execution(mode="infer"), recomputed=False, backend="cpu") == "xla_channels_last"
+    assert ex.resolve_kernel(Execution(), recomputed=True, backend="cpu") == "xla_channels_last"
+    assert ex.resolve_kernel(Execution(), recomputed=False, backend="cpu") == "xla"
+    for mode in ("train", "infer"):  # GPUs: not measured yet
+        assert ex.resolve_kernel(Execution(mode=mode), recomputed=True, backend="gpu") == "xla"
+    for kernel in ("xla", "xla_channels_last", "pallas"):  # a forced choice is kept
+        assert ex.resolve_kernel(Execution(kernel=kernel), recomputed=False, backend="cpu") == kernel
+
+
 def test_last_level_cache_is_read_from_sysfs(tmp_path):
     for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K"), ("index9", "junk")):
         (tmp_path / index).mkdir()

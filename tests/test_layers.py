@@ -16,6 +16,9 @@ from se3jax.fiber import Fiber
 from se3jax.graphs import FEATURES, POSITIONS, padding_masks
 from se3jax.initialisation import init_params
 from se3jax.layers import AttentionBlockSE3, ConvSE3, LinearSE3, NormSE3
+from se3jax.layers.convolution import channels_last_messages
+from se3jax.layers.fused_kernel import reference_messages
+from se3jax.precision import get_policy
 from se3jax.testing import assert_equivariant, relative_error
 
 MAX_DEGREE = 3
@@ -141,11 +144,14 @@ def test_node_layers_equivariant_float64(module, fiber, rotations, x64):
 
 @pytest.mark.parametrize("layer", ["conv_uniform", "conv_ragged_self_interaction", "attention", "conv_paired_chunked"])
 def test_fusion_levels_agree_values_and_gradients(layer, small_batch):
-    """Same parameters at every level (one canonical kernel) -> same outputs and gradients."""
+    """Same parameters at every level (one canonical kernel) and with either XLA contraction
+    layout -> same outputs and gradients. The reference is level ``none`` with the plain
+    ``xla`` contraction; every level runs with ``auto`` (on this CPU: ``xla_channels_last``)."""
     params, positions, features = init_graph_layer(layer, small_batch, jnp.float32)
 
-    def outputs_and_grads(level):
+    def outputs_and_grads(level, kernel="auto"):
         module = GRAPH_LAYERS[layer](level, "fp32")
+        module = module.clone(execution=module.execution.replace(kernel=kernel))
 
         def loss(params, positions, features):
             out = module.apply(params, features, graph_edges(small_batch, positions))
@@ -153,8 +159,8 @@ def test_fusion_levels_agree_values_and_gradients(layer, small_batch):
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, positions, features)
 
-    (_, ref_out), ref_grads = outputs_and_grads(FuseLevel.NONE)
-    for level in LEVELS[1:]:
+    (_, ref_out), ref_grads = outputs_and_grads(FuseLevel.NONE, "xla")
+    for level in LEVELS:
         (_, out), grads = outputs_and_grads(level)
         for d in ref_out:
             assert relative_error(out[d], ref_out[d]) < 1e-5, (level, d)
@@ -182,3 +188,31 @@ def test_conv_rejects_features_of_the_wrong_fiber(small_batch):
     bad[2] = bad[2][:, :3]
     with pytest.raises(ValueError, match=r"input\[2\] has shape"):
         fn(positions, bad)
+
+
+@pytest.mark.parametrize("precision,tolerance", [("fp64", 1e-12), ("fp32", 1e-6), ("bf16", 1e-2)])
+def test_channels_last_contraction_is_the_reference_with_its_derivatives(precision, tolerance, request):
+    """``xla_channels_last`` computes the reference contraction in another layout: the same
+    values, reverse- and forward-mode derivatives, and second derivatives (forces trained on).
+    Tolerances: fp64 and fp32 only sum in another order (a few ulps of the largest term); bf16
+    may round a radial weight to the neighbouring bfloat16 (2^-8 relative)."""
+    if precision == "fp64":
+        request.getfixturevalue("x64")
+    policy = get_policy(precision)
+    real = jnp.float64 if precision == "fp64" else jnp.float32
+    rng = np.random.default_rng(0)
+    h, w, t = (jnp.asarray(rng.normal(size=shape), real) for shape in ((11, 8), (8, 5 * 12), (11, 2, 12, 3)))
+    h, t = h.astype(policy.compute_dtype), t.astype(policy.compute_dtype)
+    contractions = (reference_messages, channels_last_messages)
+    values = [f(h, w, t, policy) for f in contractions]
+    assert relative_error(values[1], values[0]) < tolerance
+    cotangent = jnp.asarray(rng.normal(size=values[0].shape), values[0].dtype)
+    grads = [jax.vjp(lambda *a, f=f: f(*a, policy), h, w, t)[1](cotangent) for f in contractions]
+    tangents = tuple(jnp.asarray(rng.normal(size=x.shape), x.dtype) for x in (h, w, t))
+    jvps = [jax.jvp(lambda *a, f=f: f(*a, policy), (h, w, t), tangents)[1] for f in contractions]
+    second = [  # d/dh of <cotangent, d msg/dt . t>: reverse over reverse, as force training does
+        jax.grad(lambda h, f=f: jnp.vdot(jax.vjp(lambda t: f(h, w, t, policy), t)[1](cotangent)[0], t).real)(h)
+        for f in contractions
+    ]
+    for a, b in [*zip(grads[1], grads[0]), (jvps[1], jvps[0]), (second[1], second[0])]:
+        assert a.dtype == b.dtype and relative_error(a, b) < tolerance

@@ -208,7 +208,9 @@ def test_the_config_takes_its_execution_and_model_keys_from_the_classes():
         model.self_interaction,
     )
     config.update(task="homo", kernel="cuda")
-    with pytest.raises(ValueError, match=r"config.kernel='cuda' is not one of \('auto', 'xla', 'pallas'\)"):
+    with pytest.raises(
+        ValueError, match=r"config.kernel='cuda' is not one of \('auto', 'xla', 'xla_channels_last', 'pallas'\)"
+    ):
         validate_config(config)
     config.update(kernel="auto", edge_chunk=-1)
     with pytest.raises(ValueError, match="edge_chunk >= 0"):
