@@ -203,7 +203,8 @@ def test_channels_last_contraction_is_the_reference_with_its_derivatives(precisi
     rng = np.random.default_rng(0)
     h, w, t = (jnp.asarray(rng.normal(size=shape), real) for shape in ((11, 8), (8, 5 * 12), (11, 2, 12, 3)))
     h, t = h.astype(policy.compute_dtype), t.astype(policy.compute_dtype)
-    contractions = (reference_messages, channels_last_messages)
+    flipped = w.reshape(8, 5, 12).transpose(0, 2, 1).reshape(8, 60)  # [mid, (j, o)]
+    contractions = (reference_messages, lambda h, w, t, p: channels_last_messages(h, w, t, p, flipped))
     values = [f(h, w, t, policy) for f in contractions]
     assert relative_error(values[1], values[0]) < tolerance
     cotangent = jnp.asarray(rng.normal(size=values[0].shape), values[0].dtype)
