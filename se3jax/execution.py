@@ -183,8 +183,8 @@ def resolve_kernel(execution: Execution, recomputed: bool, backend: str | None =
     0.10.2, the QM9 model's hidden-layer groups in isolation); the gradients are faster in the
     first layout, so that path's backward recomputes ``R`` as ``[o, j]`` (one more radial
     product: free where the weights are rematerialised). In the QM9 model at batch 100, steps
-    alternated in one process (median of paired ratios): inference 0.84-0.88 of the ``xla``
-    step time, training 0.94 (docs/performance.md). On a GPU not measured yet: ``xla``.
+    alternated in one process (median of paired ratios): inference 0.82 of the ``xla`` step
+    time, training 0.93 (docs/performance.md). On a GPU not measured yet: ``xla``.
 
     The Pallas kernel runs where a setting asks for it, until a GPU measurement
     (``scripts/gpu_check.py --only "partial_out xla" "partial_out pallas"``: the kernel next to
