@@ -26,23 +26,29 @@ import pytest
 #   slower (the denoising example's step 0.11 s against 0.02 s at -O1), but compiling dominates:
 #   at -O1 the whole suite took 11 min 12 s against 7 min 46 s (2026-11-30).
 # - XLA's classic CPU fusion emitters compile these models' ~800 small fusions about 40% faster
-#   than the newer ones (tests/test_trunk.py + test_layers.py: 276 s -> 213 s). The flag is
-#   probed first: XLA aborts on a flag it does not know, and a later XLA may drop this one.
+#   than the newer ones (tests/test_trunk.py + test_layers.py: 276 s -> 213 s).
+# - LLVM code generated as one module, not split for parallel compilation: the 2 workers already
+#   use both cores (a 2-layer model's training step: 7.0 -> 6.3 s, median of 9, 2026-12-01).
+# Flags are probed first: XLA aborts on a flag it does not know, and a later XLA may drop one
+# (JAX 0.12 has no fusion-emitter flag).
 # The numbers are the same up to float rounding, which every tolerance allows. Benchmarks and
 # users keep XLA's defaults. The run's first process decides; its workers and subprocesses
 # inherit the environment.
-CLASSIC_FUSION_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+OPTIONAL_XLA_FLAGS = ["--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1"]
 
 
-def _xla_accepts(flag: str) -> bool:
+def _xla_accepts(flags: list[str]) -> bool:
     probe = [sys.executable, "-c", "import jax; jax.devices()"]
-    env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
     return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
 
 
 if "SE3JAX_TESTS_XLA_FLAGS" not in os.environ:
     flags = ["--xla_force_host_platform_device_count=2", "--xla_backend_optimization_level=0"]
-    flags += [CLASSIC_FUSION_EMITTERS] if _xla_accepts(CLASSIC_FUSION_EMITTERS) else []
+    # one probe when XLA knows them all
+    flags += (
+        OPTIONAL_XLA_FLAGS if _xla_accepts(OPTIONAL_XLA_FLAGS) else [f for f in OPTIONAL_XLA_FLAGS if _xla_accepts([f])]
+    )
     os.environ["SE3JAX_TESTS_XLA_FLAGS"] = " ".join(flags)
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process of the run makes it
@@ -54,6 +60,23 @@ import jax  # noqa: E402
 
 from se3jax.graphs import PaddingBudget  # noqa: E402
 from se3jax.testing import synthetic_batch  # noqa: E402
+
+
+def pytest_collection_finish(session):
+    """Say so when ``--dist loadgroup`` does not group: each worker then builds the marked
+    modules' fixtures itself (the multi-host runs twice: +85 s). pytest 9.2 with xdist 3.8
+    drops the group suffix silently (pytest-dev/pytest-xdist#1386), hence ``pytest<9.2``."""
+    if not session.config.getoption("loadgroup", default=False):
+        return  # not an xdist worker under loadgroup
+    lost = [item for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        session.config.issue_config_time_warning(
+            pytest.PytestWarning(
+                f"--dist loadgroup is not grouping ({len(lost)} marked tests without a group, e.g. "
+                f"{lost[0].nodeid}): module fixtures are built once per worker"
+            ),
+            stacklevel=2,
+        )
 
 
 def pytest_unconfigure(config):
