@@ -28,7 +28,8 @@ import pytest
 # - XLA's classic CPU fusion emitters compile these models' ~800 small fusions about 40% faster
 #   than the newer ones (tests/test_trunk.py + test_layers.py: 276 s -> 213 s).
 # - LLVM code generated as one module, not split for parallel compilation: the 2 workers already
-#   use both cores (a 2-layer model's training step: 7.0 -> 6.3 s, median of 9, 2026-12-01).
+#   use both cores (a 2-layer model's training step: 7.0 -> 6.3 s, median of 9; test_layers.py +
+#   test_trunk.py alternated: 151, 136 s split, 126, 126 s unsplit; 2026-12-01).
 # Flags are probed first: XLA aborts on a flag it does not know, and a later XLA may drop one
 # (JAX 0.12 has no fusion-emitter flag).
 # The numbers are the same up to float rounding, which every tolerance allows. Benchmarks and
