@@ -10,7 +10,7 @@ from se3jax.graphs import FEATURES, POSITIONS, node_graph_index, pad_to_budget, 
 from se3jax.testing import relative_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-STEPS = 150  # measured: mean loss of steps 100-150 0.83 of the baseline, 0.92 at steps 50-100 (250: 0.74)
+STEPS = 100  # measured: mean loss of steps 50-100 0.84 of the baseline, 0.96 at steps 0-50 (150: 0.76)
 
 
 def test_denoising_example_learns_equivariant_displacements(qm9_subset_cache, qm9_subset, rotations):
@@ -21,7 +21,7 @@ def test_denoising_example_learns_equivariant_displacements(qm9_subset_cache, qm
     assert np.all(np.isfinite(losses))
     # it learns: below the do-nothing baseline (the noise variance), and falling
     assert losses[-50:].mean() < 0.9 * result["baseline"], losses[-50:].mean()
-    assert losses[-50:].mean() < losses[50:100].mean()
+    assert losses[-50:].mean() < losses[:50].mean()
 
     # the trained model's displacements rotate with noisy validation molecules (and ignore a
     # translation), to float32 rounding: measured up to 3.5e-6 relative at XLA's default

@@ -321,10 +321,11 @@ def test_training_keeps_no_per_edge_radial_activations_outside_the_chunks():
     fiber = Fiber.create(3, channels)
     features = {d: jnp.asarray(rng.normal(size=(num_nodes, channels, 2 * d + 1)), jnp.float32) for d in range(3)}
     conv = ConvSE3(fiber, fiber, execution=Execution(edge_chunk=160))  # 80 bonds a chunk, 5 chunks
-    params = conv.init(jax.random.PRNGKey(0), features, edges)
+    params = init_params(conv, jax.random.PRNGKey(0), features, edges)
     width = params["params"]["radial"]["dense_1"]["kernel"].shape[1]
     assert width not in (channels, 2 * bonds, 25) and not any(2 * d + 1 == width for d in range(3))
-    _, backward = jax.vjp(lambda p, x: conv.apply(p, x, edges), params, features)
+    # compiled: the residuals are the jitted forward's outputs (op by op, every primitive compiles)
+    _, backward = jax.vjp(jax.jit(lambda p, x: conv.apply(p, x, edges)), params, features)
     kept = [leaf.shape for leaf in jax.tree.leaves(backward) if hasattr(leaf, "shape")]
     per_row = [s for s in kept if len(s) >= 2 and s[-1] == width and np.prod(s) >= bonds * width]
     assert kept and not per_row, f"per-row radial activations kept for the backward pass: {per_row}"
@@ -354,9 +355,9 @@ def test_the_radial_kernel_is_split_into_groups_not_sliced():
     def kernel_grad(chunk):
         execution = Execution(fuse_level=FuseLevel.NONE, paired_edges=False, edge_chunk=chunk)
         conv = ConvSE3(fiber, fiber, execution=execution)
-        params = conv.init(jax.random.PRNGKey(0), features, edges)
+        params = init_params(conv, jax.random.PRNGKey(0), features, edges)
         loss = lambda p: jnp.sum(jnp.stack([jnp.sum(x**2) for x in conv.apply(p, features, edges).values()]))  # noqa: E731
-        return jax.grad(loss), params
+        return jax.jit(jax.grad(loss)), params  # op by op, every primitive compiles on its own
 
     grad, params = kernel_grad(16)  # 4 chunks
     in_loop = _loop_body_primitives(jax.make_jaxpr(grad)(params).jaxpr)
