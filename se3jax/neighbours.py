@@ -164,6 +164,16 @@ def cell_list_radius_graph(
     capacity = max_neighbours if bin_capacity is None else int(bin_capacity)
     valid = jnp.ones(n, bool) if mask is None else jnp.asarray(mask, bool)
     segments = jnp.zeros(n, jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    return _cell_list_search(
+        points, cell, valid, segments, float(cutoff), int(max_neighbours), pbc, search, capacity, chunk, max_edges
+    )
+
+
+# One compiled program (called outside ``jit``, op by op, the search compiled ~130 primitives
+# one by one: ~10 s for a first call); the static arguments are what the shapes depend on.
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9, 10))
+def _cell_list_search(points, cell, valid, segments, cutoff, max_neighbours, pbc, search, capacity, chunk, max_edges):
+    n = points.shape[0]
     periodic = jnp.asarray(pbc)
 
     # Fractional coordinates; periodic axes wrapped into [0, 1) (``home``: the image each point
