@@ -165,14 +165,20 @@ def cell_list_radius_graph(
     valid = jnp.ones(n, bool) if mask is None else jnp.asarray(mask, bool)
     segments = jnp.zeros(n, jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
     return _cell_list_search(
-        points, cell, valid, segments, float(cutoff), int(max_neighbours), pbc, search, capacity, chunk, max_edges
-    )
+        points, cell, valid, segments, cutoff=float(cutoff), max_neighbours=int(max_neighbours), pbc=pbc,
+        search=search, capacity=capacity, chunk=chunk, max_edges=max_edges,
+    )  # fmt: skip
 
 
-# One compiled program (called outside ``jit``, op by op, the search compiled ~130 primitives
-# one by one: ~10 s for a first call); the static arguments are what the shapes depend on.
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9, 10))
-def _cell_list_search(points, cell, valid, segments, cutoff, max_neighbours, pbc, search, capacity, chunk, max_edges):
+# One compiled program: called outside ``jit``, the search ran op by op and compiled ~130
+# primitives one by one (the module's doctest: 5.9 s, under 2 s compiled). The static arguments
+# are what the shapes depend on.
+@functools.partial(
+    jax.jit, static_argnames=("cutoff", "max_neighbours", "pbc", "search", "capacity", "chunk", "max_edges")
+)
+def _cell_list_search(
+    points, cell, valid, segments, *, cutoff, max_neighbours, pbc, search, capacity, chunk, max_edges
+):
     n = points.shape[0]
     periodic = jnp.asarray(pbc)
 
