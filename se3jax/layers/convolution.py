@@ -187,9 +187,13 @@ def conv_plan(fiber_in: Fiber, fiber_out: Fiber, level: FuseLevel, max_degree: i
 
 
 def group_basis(bases: jax.Array, group: PathGroup) -> jax.Array:
-    """The group's block-sparse basis ``[E, in_dim, F_g, out_dim]`` gathered from path bases."""
+    """The group's block-sparse basis ``[E, in_dim, F_g, out_dim]`` gathered from path bases.
+    A single path's basis is a contiguous column range: a static slice (gathered, its
+    transposed copies and out-of-range selects made a CPU inference step 2-5% slower)."""
     idx = group.basis_index
-    if (idx >= 0).all():
+    if idx[0] >= 0 and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
+        gathered = jax.lax.slice_in_dim(bases, int(idx[0]), int(idx[0]) + idx.size, axis=1)
+    elif (idx >= 0).all():
         gathered = jnp.take(bases, jnp.asarray(idx), axis=1)
     else:  # zero blocks: gather from the bases with a zero column appended
         padded = jnp.concatenate([bases, jnp.zeros_like(bases[:, :1])], axis=1)
