@@ -46,6 +46,22 @@ def split_heads(features: Features, num_heads: int) -> jax.Array:
     return jnp.concatenate(parts, axis=-1)
 
 
+def merge_heads(heads: jax.Array, fiber: Fiber) -> Features:
+    """The inverse of :func:`split_heads` for features of ``fiber``.
+
+    >>> x = {0: jnp.arange(8.0).reshape(2, 4, 1), 1: jnp.arange(24.0).reshape(2, 4, 3)}
+    >>> y = merge_heads(split_heads(x, 2), Fiber({0: 4, 1: 4}))
+    >>> all(bool((y[d] == x[d]).all()) for d in x)
+    True
+    """
+    num_heads, out, start = heads.shape[1], {}, 0
+    for d, c in fiber:
+        size = (c // num_heads) * (2 * d + 1)
+        out[d] = heads[:, :, start : start + size].reshape(heads.shape[0], c, 2 * d + 1)
+        start += size
+    return out
+
+
 class AttentionBlockSE3(nn.Module):
     """Attention block: queries from a per-degree linear map of the node features; keys and
     values from ONE TFN convolution whose output fiber is ``value_fiber + key_fiber``
@@ -85,11 +101,11 @@ class AttentionBlockSE3(nn.Module):
             q = split_heads(queries, self.num_heads)[edges.receivers]  # [E, H, c]
             logits = policy.einsum("ehc,ehc->eh", k, q) / jnp.sqrt(float(key_fiber.num_features))
             alpha = segment_softmax(logits, edges.receivers, num_nodes, edges.mask)  # [E, H]
-            attended = {}
-            for d, c in value_fiber:
-                v = values[d].reshape(-1, self.num_heads, c // self.num_heads, 2 * d + 1)
-                weighted = (v * alpha[:, :, None, None]).reshape(-1, c, 2 * d + 1)  # [E, C_d, 2d+1]
-                attended[d] = jax.ops.segment_sum(weighted, edges.receivers, num_nodes)
+            # all degrees' values weighted and summed at once: per degree, the weights'
+            # gradient was a sum over axes of 1-7 numbers, slow on a CPU (the trunk's training
+            # step 4% slower)
+            v = split_heads(values, self.num_heads)  # [E, H, c]
+            attended = merge_heads(jax.ops.segment_sum(v * alpha[:, :, None], edges.receivers, num_nodes), value_fiber)
 
         skip = self.fiber_in.restrict(value_fiber.degrees)
         z = {
