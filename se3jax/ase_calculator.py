@@ -24,6 +24,7 @@ import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from se3jax.execution import compiler_options
 from se3jax.inference import load_predictor, molecules_to_graphs
 from se3jax.neighbours import host_radius_graph
 from se3jax.point_clouds import PointCloudGraph, check_graph
@@ -51,7 +52,8 @@ class SE3Calculator(Calculator):
             )
         predictor = self.predictor
         self._energy_and_forces = jax.jit(
-            lambda params, graphs: (predictor.predict(params, graphs)[0], predictor.forces(params, graphs))
+            lambda params, graphs: (predictor.predict(params, graphs)[0], predictor.forces(params, graphs)),
+            compiler_options=compiler_options(),
         )
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -104,7 +106,9 @@ class RadiusGraphCalculator(Calculator):
     def __init__(self, energy_fn: Callable, cutoff: float, max_neighbours: int = 64, **kwargs):
         super().__init__(**kwargs)
         self.cutoff, self.max_neighbours = float(cutoff), int(max_neighbours)
-        self._compute = jax.jit(lambda n, x, c, g: energy_forces_stress(energy_fn, n, x, c, g))
+        self._compute = jax.jit(
+            lambda n, x, c, g: energy_forces_stress(energy_fn, n, x, c, g), compiler_options=compiler_options()
+        )
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

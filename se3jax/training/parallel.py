@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from se3jax.execution import compiler_options
 from se3jax.training.steps import make_eval_step, make_train_step
 from se3jax.training.workdir import config_changes
 
@@ -73,9 +74,13 @@ class DataParallel:
                 per_device(train), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False
             ),
             donate_argnums=0,
+            compiler_options=compiler_options(),
         )
         self.eval_step = jax.jit(
-            jax.shard_map(per_device(evaluate), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False)
+            jax.shard_map(
+                per_device(evaluate), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False
+            ),
+            compiler_options=compiler_options(),
         )
 
     def put_replicated(self, tree):
