@@ -38,7 +38,7 @@ from side_by_side import REFERENCE_PREAMBLE, thread_env  # scripts/, this folder
 
 from se3jax.benchmarking import memory_stats, time_steps
 from se3jax.edges import edge_inputs
-from se3jax.execution import Execution, compiler_options
+from se3jax.execution import Execution
 from se3jax.fiber import Fiber
 from se3jax.graphs import FEATURES, POSITIONS, padding_masks
 from se3jax.host_memory import compile_and_release, peak_rss_bytes
@@ -189,8 +189,7 @@ def run_reference(g, mode: str, steps: int, reference: Path, python: str, thread
 
 
 def time_compiled(fn, args, steps: int):
-    # as the benchmarks: no compiler scratch kept
-    compiled = compile_and_release(jax.jit(fn, compiler_options=compiler_options()), *args)
+    compiled = compile_and_release(jax.jit(fn), *args)  # as the benchmarks: no compiler scratch kept
     times = time_steps(lambda: jax.block_until_ready(compiled(*args)), 1, steps)
     return statistics.median(times), memory_stats(compiled)
 

@@ -11,7 +11,6 @@ _EXPORTS = {
     "EdgeInputs": "se3jax.edges",
     "edge_inputs": "se3jax.edges",
     "Execution": "se3jax.execution",
-    "compiler_options": "se3jax.execution",
     "FuseLevel": "se3jax.execution",
     "Features": "se3jax.fiber",
     "Fiber": "se3jax.fiber",

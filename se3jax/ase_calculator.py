@@ -24,7 +24,6 @@ import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from se3jax.execution import compiler_options
 from se3jax.inference import load_predictor, molecules_to_graphs
 from se3jax.neighbours import host_radius_graph
 from se3jax.point_clouds import PointCloudGraph, check_graph
@@ -52,8 +51,7 @@ class SE3Calculator(Calculator):
             )
         predictor = self.predictor
         self._energy_and_forces = jax.jit(
-            lambda params, graphs: (predictor.predict(params, graphs)[0], predictor.forces(params, graphs)),
-            compiler_options=compiler_options(),
+            lambda params, graphs: (predictor.predict(params, graphs)[0], predictor.forces(params, graphs))
         )
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -106,9 +104,7 @@ class RadiusGraphCalculator(Calculator):
     def __init__(self, energy_fn: Callable, cutoff: float, max_neighbours: int = 64, **kwargs):
         super().__init__(**kwargs)
         self.cutoff, self.max_neighbours = float(cutoff), int(max_neighbours)
-        self._compute = jax.jit(
-            lambda n, x, c, g: energy_forces_stress(energy_fn, n, x, c, g), compiler_options=compiler_options()
-        )
+        self._compute = jax.jit(lambda n, x, c, g: energy_forces_stress(energy_fn, n, x, c, g))
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

@@ -20,14 +20,7 @@ import numpy as np
 import optax
 
 from se3jax.edges import edge_inputs
-from se3jax.execution import (
-    Execution,
-    compiler_options,
-    edge_chunk_rows,
-    remat_radial,
-    resolve_fuse_level,
-    resolve_kernel,
-)
+from se3jax.execution import Execution, edge_chunk_rows, remat_radial, resolve_fuse_level, resolve_kernel
 from se3jax.fiber import Fiber
 from se3jax.graphs import HARMONICS, POSITIONS, padding_masks
 from se3jax.host_memory import peak_rss_bytes, release_freed_host_memory
@@ -201,14 +194,14 @@ def prepare(setting: Setting, seed: int = 0, count_flops: bool = True) -> Prepar
         holder = {"state": state}
 
         def jitted(m):
-            return jax.jit(make_train_step(m), donate_argnums=0, compiler_options=compiler_options())
+            return jax.jit(make_train_step(m), donate_argnums=0)
 
         args = (state, batch)
     else:  # inference needs no optimizer state: only the parameters are kept on the device
         holder = {"params": params}
 
         def jitted(m):
-            return jax.jit(m.apply, compiler_options=compiler_options())
+            return jax.jit(m.apply)
 
         args = (params, batch)
     start = time.perf_counter()
@@ -264,8 +257,7 @@ def measure(
     if rotations:
         e = setting.execution.for_mode(setting.mode)
         params = p.holder["state"].params if setting.mode == "train" else p.holder["params"]
-        infer = p.model.clone(execution=e.for_mode("infer"))
-        apply = p.compiled if setting.mode == "infer" else jax.jit(infer.apply, compiler_options=compiler_options())
+        apply = p.compiled if setting.mode == "infer" else jax.jit(p.model.clone(execution=e.for_mode("infer")).apply)
         real = np.asarray(padding_masks(p.host_batch).graphs)
         reference = np.asarray(apply(params, p.batch))[real]
         errors = [

@@ -198,39 +198,6 @@ def resolve_kernel(execution: Execution, recomputed: bool, backend: str | None =
     return "xla_channels_last" if no_stored_weights and backend_kind(backend) == "cpu" else "xla"
 
 
-# XLA's CPU compiler hands dots and reductions to YNNPACK; its reduction fusions ran the norm
-# nonlinearity's backward pass 5.6x slower than XLA's own loops (NormSE3 on 5,248 nodes x 3
-# degrees x 16 channels, forward and backward: 37.5 ms against 6.7 ms; JAX 0.10.2 and 0.12.0.1).
-# Kept to dots, the trunk's training step at 10^4 edges took 0.84 of the time with 124 MB of XLA
-# temporaries instead of 171; the QM9 model at batch 100 trained at the same speed (1.03, noise)
-# with 430 MB instead of 545 (steps alternated in one process; docs/performance.md).
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
-
-
-def compiler_options(backend: str | None = None) -> dict:
-    """The XLA options se3jax compiles its steps with on ``backend`` (default: JAX's): on a
-    CPU, YNNPACK kept to dots (``CPU_COMPILER_OPTIONS``, where the installed XLA has the option);
-    elsewhere none. Pass them when compiling a function of your own that runs se3jax modules::
-
-        step = jax.jit(train_step, compiler_options=se3jax.compiler_options())
-    """
-    if backend_kind(backend) != "cpu" or not _cpu_options_supported():
-        return {}
-    return dict(CPU_COMPILER_OPTIONS)
-
-
-@functools.cache
-def _cpu_options_supported() -> bool:
-    import jax
-    import jax.numpy as jnp
-
-    try:  # an XLA without the option (or its value) rejects it at compile time, not at import
-        jax.jit(jnp.negative).lower(jnp.zeros(1)).compile(compiler_options=CPU_COMPILER_OPTIONS)
-    except Exception:  # noqa: BLE001 - any rejection means: compile without it
-        return False
-    return True
-
-
 def backend_kind(backend: str | None = None) -> str:
     """``cpu`` or ``gpu`` (every accelerator follows the GPU table)."""
     import jax

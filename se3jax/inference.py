@@ -34,7 +34,6 @@ from se3jax.data.loader import pack_batches
 from se3jax.data.molecule_files import MoleculeError, read_molecules
 from se3jax.data.molecules import molecule_to_graph, node_features
 from se3jax.data.qm9 import QM9_SIZES, Normalisation
-from se3jax.execution import compiler_options
 from se3jax.graphs import (
     FEATURES,
     POSITIONS,
@@ -123,7 +122,7 @@ class Predictor:
         """``jax.jit(predict)`` after the host's value checks (finite positions, edge indices,
         paired edges: a compiled step cannot raise), compiled once per shape of its inputs
         (per padding budget), ahead of its first call (:func:`compile_and_release`)."""
-        jitted, executables = jax.jit(self.predict, compiler_options=compiler_options()), {}
+        jitted, executables = jax.jit(self.predict), {}
         model = self.model
 
         def checked(params, graphs: jraph.GraphsTuple) -> jax.Array:

@@ -10,12 +10,11 @@ import pytest
 from se3jax import execution as ex
 from se3jax.basis import HARMONICS_SCOPE
 from se3jax.edges import EdgeInputs
-from se3jax.execution import CPU_COMPILER_OPTIONS, Execution, FuseLevel, compiler_options
+from se3jax.execution import Execution, FuseLevel
 from se3jax.fiber import Fiber
 from se3jax.initialisation import init_params
 from se3jax.layers.attention import AttentionBlockSE3
 from se3jax.layers.convolution import ConvSE3, PathGroup, conv_plan, group_basis, group_weights
-from se3jax.layers.norm import NormSE3
 from se3jax.model import SE3TransformerPooled
 from se3jax.testing import synthetic_batch
 
@@ -412,19 +411,3 @@ def test_the_radial_kernel_is_split_into_groups_not_sliced():
     expected = unchunked_grad(params)["params"]["radial"]["kernel_out"]
     # float32 sums of the same terms in another order: errors relative to the largest entry
     np.testing.assert_allclose(chunked, expected, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
-
-
-def test_cpu_compiles_keep_ynnpack_to_dots():
-    # XLA's YNNPACK reduction fusions ran the norm nonlinearity's backward pass 5.6x slower than
-    # XLA's own loops: se3jax compiles its steps on a CPU with YNNPACK kept to dots, and only there
-    assert compiler_options("gpu") == {} and compiler_options("cpu") == CPU_COMPILER_OPTIONS
-    fiber = Fiber.create(3, 16)  # XLA hands a fusion to YNNPACK only above a size
-    features = {d: jnp.ones((512, 16, 2 * d + 1)) for d in range(3)}
-    norm = NormSE3(fiber)
-    params = init_params(norm, jax.random.PRNGKey(0), features)
-    grad = jax.grad(lambda p, x: sum(jnp.sum(v**2) for v in norm.apply(p, x).values()))
-
-    def library_fusions(**options) -> int:
-        return jax.jit(grad, **options).lower(params, features).compile().as_text().count('"__ynn_fusion"')
-
-    assert library_fusions() > 0 and library_fusions(compiler_options=compiler_options("cpu")) == 0

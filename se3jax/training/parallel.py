@@ -28,7 +28,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from se3jax.execution import compiler_options
 from se3jax.training.steps import make_eval_step, make_train_step
 from se3jax.training.workdir import config_changes
 
@@ -74,13 +73,9 @@ class DataParallel:
                 per_device(train), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False
             ),
             donate_argnums=0,
-            compiler_options=compiler_options(),
         )
         self.eval_step = jax.jit(
-            jax.shard_map(
-                per_device(evaluate), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False
-            ),
-            compiler_options=compiler_options(),
+            jax.shard_map(per_device(evaluate), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False)
         )
 
     def put_replicated(self, tree):
