@@ -15,7 +15,6 @@ from se3jax.fiber import Fiber
 from se3jax.initialisation import init_params
 from se3jax.layers.attention import AttentionBlockSE3
 from se3jax.layers.convolution import ConvSE3, PathGroup, conv_plan, group_basis, group_weights
-from se3jax.layers.norm import NormSE3
 from se3jax.model import SE3TransformerPooled
 from se3jax.testing import synthetic_batch
 
@@ -412,18 +411,3 @@ def test_the_radial_kernel_is_split_into_groups_not_sliced():
     expected = unchunked_grad(params)["params"]["radial"]["kernel_out"]
     # float32 sums of the same terms in another order: errors relative to the largest entry
     np.testing.assert_allclose(chunked, expected, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
-
-
-def test_norm_sums_components_with_dots_not_reductions():
-    # NormSE3's sums over a degree's 2d+1 components are einsums: written as broadcasts and
-    # sums, their backward pass became reductions that XLA's CPU compiler ran 2x slower (the
-    # trunk's training step 0.91 with the einsums). The layer norm's own sums stay.
-    fiber = Fiber.create(3, 4)
-    features = {d: jnp.ones((5, 4, 2 * d + 1)) for d in range(3)}
-    norm = NormSE3(fiber)
-    params = init_params(norm, jax.random.PRNGKey(0), features)
-    # forward and backward pass (the output's cotangent given, so no loss adds its own sums)
-    jaxpr = jax.make_jaxpr(lambda p, x: jax.vjp(norm.apply, p, x)[1](x))(params, features).jaxpr
-    over_components = [e for e in _equations(jaxpr) if e.primitive.name == "reduce_sum" and e.invars[0].aval.ndim == 3]
-    assert not over_components, [e.invars[0].aval.shape for e in over_components]
-    assert any(e.primitive.name == "dot_general" for e in _equations(jaxpr))
