@@ -289,12 +289,10 @@ def test_cpu_plan_computes_the_unchunked_function(monkeypatch, small_batch):
 BLOCK_TEMP_BUDGET_MB = 80
 
 
-def _hidden_block_temp_bytes(execution: Execution) -> int:
-    """Compile only (no run): abstract parameters and inputs at batch-100 shapes."""
-    graphs = synthetic_batch(np.random.default_rng(0), 100)
-    nodes, edges = graphs.nodes["positions"].shape[0], graphs.senders.shape[0]
+def _abstract_block_inputs(nodes: int, edges: int, channels: int):
+    """Shapes only: features of degrees 0-3 with ``channels`` each, and QM9-model edge inputs."""
     f32 = jnp.float32
-    features = {d: jax.ShapeDtypeStruct((nodes, 32, 2 * d + 1), f32) for d in range(4)}
+    features = {d: jax.ShapeDtypeStruct((nodes, channels, 2 * d + 1), f32) for d in range(4)}
     edge_inputs = EdgeInputs(
         senders=jax.ShapeDtypeStruct((edges,), jnp.int32),
         receivers=jax.ShapeDtypeStruct((edges,), jnp.int32),
@@ -302,6 +300,13 @@ def _hidden_block_temp_bytes(execution: Execution) -> int:
         scalars=jax.ShapeDtypeStruct((edges, 5), f32),
         harmonics=jax.ShapeDtypeStruct((edges, 49), f32),
     )
+    return features, edge_inputs
+
+
+def _hidden_block_temp_bytes(execution: Execution) -> int:
+    """Compile only (no run): abstract parameters and inputs at batch-100 shapes."""
+    graphs = synthetic_batch(np.random.default_rng(0), 100)
+    features, edge_inputs = _abstract_block_inputs(graphs.nodes["positions"].shape[0], graphs.senders.shape[0], 32)
     block = AttentionBlockSE3(HIDDEN, HIDDEN, num_heads=8, channels_div=2, execution=execution)
     params = jax.eval_shape(block.init, jax.random.PRNGKey(0), features, edge_inputs)
     compiled = jax.jit(block.apply).lower(params, features, edge_inputs).compile()
@@ -318,16 +323,8 @@ def test_attention_weights_and_sums_all_degrees_values_at_once():
     # One product and one segment sum for the values of every degree (per degree, the weights'
     # gradient summed 1-7 numbers per head, a slow op on a CPU: the trunk's step 4% slower).
     # The block's only segment sums: the softmax's denominator and the values.
-    f32 = jnp.float32
-    fiber, nodes, edges = Fiber.create(4, 16), 10, 24
-    features = {d: jax.ShapeDtypeStruct((nodes, 16, 2 * d + 1), f32) for d in range(4)}
-    edge_inputs = EdgeInputs(
-        senders=jax.ShapeDtypeStruct((edges,), jnp.int32),
-        receivers=jax.ShapeDtypeStruct((edges,), jnp.int32),
-        mask=jax.ShapeDtypeStruct((edges,), jnp.bool_),
-        scalars=jax.ShapeDtypeStruct((edges, 5), f32),
-        harmonics=jax.ShapeDtypeStruct((edges, 49), f32),
-    )
+    fiber = Fiber.create(4, 16)
+    features, edge_inputs = _abstract_block_inputs(10, 24, 16)
     block = AttentionBlockSE3(fiber, fiber, num_heads=4, channels_div=2, execution=Execution(paired_edges=False))
     params = jax.eval_shape(block.init, jax.random.PRNGKey(0), features, edge_inputs)
     jaxpr = jax.make_jaxpr(block.apply)(params, features, edge_inputs).jaxpr
