@@ -186,12 +186,17 @@ def conv_plan(fiber_in: Fiber, fiber_out: Fiber, level: FuseLevel, max_degree: i
     return ConvPlan(fiber_in, fiber_out, level, max_degree, paths, tuple(offsets), col, tuple(groups))
 
 
+def _is_column_range(idx: np.ndarray) -> bool:
+    """Whether static column indices are one contiguous range (a slice, not a gather)."""
+    return bool(idx[0] >= 0 and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)))
+
+
 def group_basis(bases: jax.Array, group: PathGroup) -> jax.Array:
     """The group's block-sparse basis ``[E, in_dim, F_g, out_dim]`` gathered from path bases.
     A single path's basis is a contiguous column range: a static slice (gathered, its
     transposed copies and out-of-range selects made a CPU inference step 2-5% slower)."""
     idx = group.basis_index
-    if idx[0] >= 0 and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
+    if _is_column_range(idx):
         gathered = jax.lax.slice_in_dim(bases, int(idx[0]), int(idx[0]) + idx.size, axis=1)
     elif (idx >= 0).all():
         gathered = jnp.take(bases, jnp.asarray(idx), axis=1)
@@ -206,7 +211,7 @@ def group_weights(kernel: jax.Array, group: PathGroup) -> jax.Array:
     A single path's block is a contiguous column range: a static slice, whose gradient is a
     pad (a gather's is a scatter-add, ~5% of a CPU training step)."""
     idx = group.weight_index
-    if np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
+    if _is_column_range(idx):
         return jax.lax.slice_in_dim(kernel, int(idx[0]), int(idx[0]) + idx.size, axis=1)
     return jnp.take(kernel, jnp.asarray(idx), axis=1)
 
