@@ -15,6 +15,7 @@ from se3jax.fiber import Fiber
 from se3jax.initialisation import init_params
 from se3jax.layers.attention import AttentionBlockSE3
 from se3jax.layers.convolution import ConvSE3, PathGroup, conv_plan, group_basis, group_weights
+from se3jax.layers.norm import NORM_SCOPE, NormSE3
 from se3jax.model import SE3TransformerPooled
 from se3jax.testing import synthetic_batch
 
@@ -241,11 +242,17 @@ def test_every_contraction_asks_for_its_policy_precision(precision, expected, sm
     with jax.default_matmul_precision("bfloat16"):  # a hostile global setting changes nothing
         jaxpr = jax.make_jaxpr(grad)(params, small_batch.nodes["positions"]).jaxpr
     dots = list(_dot_generals(jaxpr))
-    is_geometry = [HARMONICS_SCOPE in str(eqn.source_info.name_stack) for eqn in dots]
-    geometry = [eqn for eqn, g in zip(dots, is_geometry) if g]
-    dots = [eqn for eqn, g in zip(dots, is_geometry) if not g]
-    assert len(dots) > 20 and geometry  # forward and backward harmonics: always full float32
-    assert all(str(eqn.params["precision"]).count("HIGHEST") == 2 for eqn in geometry)
+    # the harmonics (geometry) and NormSE3's norms are full float32 under every policy
+    always_f32 = [any(s in str(eqn.source_info.name_stack) for s in (HARMONICS_SCOPE, NORM_SCOPE)) for eqn in dots]
+    exact = [eqn for eqn, f in zip(dots, always_f32) if f]
+    dots = [eqn for eqn, f in zip(dots, always_f32) if not f]
+    assert len(dots) > 20
+    assert {s for eqn in exact for s in (HARMONICS_SCOPE, NORM_SCOPE) if s in str(eqn.source_info.name_stack)} == {
+        HARMONICS_SCOPE,
+        NORM_SCOPE,
+    }
+    assert all(str(eqn.params["precision"]).count("HIGHEST") == 2 for eqn in exact)
+    assert all(eqn.invars[0].aval.dtype == jnp.float32 for eqn in exact)
     precisions = {str(eqn.params["precision"]) for eqn in dots}
     assert all(expected in p and (expected != "HIGH" or "HIGHEST" not in p) for p in precisions), precisions
     if precision == "bf16":  # the big contractions really run in bfloat16
@@ -408,3 +415,18 @@ def test_the_radial_kernel_is_split_into_groups_not_sliced():
     expected = unchunked_grad(params)["params"]["radial"]["kernel_out"]
     # float32 sums of the same terms in another order: errors relative to the largest entry
     np.testing.assert_allclose(chunked, expected, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+
+
+def test_norm_sums_components_with_dots_not_reductions():
+    # NormSE3's sums over a degree's 2d+1 components are einsums: written as broadcasts and
+    # sums, their backward pass became reductions that XLA's CPU compiler ran 2x slower (the
+    # trunk's training step 0.91 with the einsums). The layer norm's own sums stay.
+    fiber = Fiber.create(3, 4)
+    features = {d: jnp.ones((5, 4, 2 * d + 1)) for d in range(3)}
+    norm = NormSE3(fiber)
+    params = init_params(norm, jax.random.PRNGKey(0), features)
+    # forward and backward pass (the output's cotangent given, so no loss adds its own sums)
+    jaxpr = jax.make_jaxpr(lambda p, x: jax.vjp(norm.apply, p, x)[1](x))(params, features).jaxpr
+    over_components = [e for e in _equations(jaxpr) if e.primitive.name == "reduce_sum" and e.invars[0].aval.ndim == 3]
+    assert not over_components, [e.invars[0].aval.shape for e in over_components]
+    assert any(e.primitive.name == "dot_general" for e in _equations(jaxpr))

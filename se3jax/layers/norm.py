@@ -10,13 +10,11 @@ from se3jax.fiber import Fiber
 from se3jax.layers.radial import layer_norm
 from se3jax.precision import at_least_f32
 
+# Norms are float32 under every precision policy (se3jax.precision): their component sums always
+# ask for full float32 (named so a test can tell them from the policy's contractions).
+NORM_SCOPE = "norm_se3"
+NORM_PRECISION = jax.lax.Precision.HIGHEST
 NORM_CLAMP = 2.0**-24  # keeps x / |x| finite for (near-)zero features, e.g. padding nodes
-
-
-def safe_norm(x: jax.Array, axis: int = -1, clamp: float = NORM_CLAMP) -> jax.Array:
-    """|x| over ``axis`` (keepdims), clamped away from 0 with finite gradients at 0."""
-    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return jnp.sqrt(jnp.maximum(sq, clamp**2))
 
 
 class NormSE3(nn.Module):
@@ -32,10 +30,14 @@ class NormSE3(nn.Module):
     def __call__(self, features: dict) -> dict:
         self.fiber.check_features(features, "NormSE3 input")
         out = {}
-        with jax.named_scope("norm"):
+        with jax.named_scope(NORM_SCOPE):
             for d, _ in self.fiber:
                 x = at_least_f32(features[d])
-                n = safe_norm(x)  # [N, C, 1]
-                new = nn.relu(layer_norm(self, name=f"layer_norm_{d}")(n[..., 0]))[..., None]
-                out[d] = x * (new / n)
+                # the component sums as einsums: as broadcasts and sums, XLA's CPU compiler fused
+                # the backward pass into reductions 2x slower (the trunk's training step 0.91).
+                # |x| clamped away from 0: finite gradients at 0.
+                sq = jnp.einsum("ncm,ncm->nc", x, x, precision=NORM_PRECISION)
+                n = jnp.sqrt(jnp.maximum(sq, NORM_CLAMP**2))  # [N, C]
+                new = nn.relu(layer_norm(self, name=f"layer_norm_{d}")(n))
+                out[d] = jnp.einsum("ncm,nc->ncm", x, new / n, precision=NORM_PRECISION)
         return out
