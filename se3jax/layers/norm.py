@@ -34,7 +34,7 @@ class NormSE3(nn.Module):
             for d, _ in self.fiber:
                 x = at_least_f32(features[d])
                 # the component sums as einsums: as broadcasts and sums, XLA's CPU compiler fused
-                # the backward pass into reductions 2x slower (the trunk's training step 0.91).
+                # the backward pass into reductions 2x slower (the trunk's training step 0.91-0.95).
                 # |x| clamped away from 0: finite gradients at 0.
                 sq = jnp.einsum("ncm,ncm->nc", x, x, precision=NORM_PRECISION)
                 n = jnp.sqrt(jnp.maximum(sq, NORM_CLAMP**2))  # [N, C]
