@@ -14,10 +14,11 @@ from se3jax.execution import Execution, FuseLevel
 from se3jax.fiber import Fiber
 from se3jax.initialisation import init_params
 from se3jax.layers.attention import AttentionBlockSE3
-from se3jax.layers.convolution import ConvSE3, PathGroup, conv_plan, group_basis, group_weights
+from se3jax.layers.convolution import ConvSE3, PathGroup, basis_contraction, conv_plan, group_basis, group_weights
 from se3jax.layers.norm import NORM_SCOPE, NormSE3
 from se3jax.model import SE3TransformerPooled
-from se3jax.testing import synthetic_batch
+from se3jax.precision import get_policy
+from se3jax.testing import relative_error, synthetic_batch
 
 HIDDEN = Fiber.create(4, 32)
 
@@ -427,3 +428,30 @@ def test_norm_sums_components_with_dots_not_reductions():
     over_components = [e for e in _equations(jaxpr) if e.primitive.name == "reduce_sum" and e.invars[0].aval.ndim == 3]
     assert not over_components, [e.invars[0].aval.shape for e in over_components]
     assert any(e.primitive.name == "dot_general" for e in _equations(jaxpr))
+
+
+@pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-6), ("bf16", 1e-2)])
+def test_basis_contraction_is_the_einsum_with_its_derivatives(precision, tolerance):
+    # its derivative in x runs as broadcast products (no batched dot of tiny matrices in the
+    # backward pass): the same values, gradients in both arguments, forward-mode derivatives and
+    # a gradient of a gradient as the einsum's. fp32 only sums in another order; bf16 rounds the
+    # cotangent to bfloat16 where the dot kept float32 (2^-8 relative).
+    policy = get_policy(precision)
+    rng = np.random.default_rng(0)
+    x, basis = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((7, 4, 5), (7, 5, 3, 3)))
+    mine = lambda x, b: basis_contraction(x, b, policy)
+    ref = lambda x, b: policy.einsum("eil,elfk->eifk", x, b, wide_result=False)
+    loss = lambda f: lambda x, b: jnp.sum(jnp.sin(f(x, b).astype(jnp.float32)))
+    twice = lambda f: lambda x, b: jnp.sum(jax.grad(loss(f), argnums=1)(x, b) ** 2)  # forces trained on
+    pairs = [
+        (mine(x, basis), ref(x, basis)),
+        (jax.grad(loss(mine), argnums=(0, 1))(x, basis), jax.grad(loss(ref), argnums=(0, 1))(x, basis)),
+        (jax.jvp(mine, (x, basis), (x, basis))[1], jax.jvp(ref, (x, basis), (x, basis))[1]),
+        (jax.grad(twice(mine))(x, basis), jax.grad(twice(ref))(x, basis)),
+    ]
+    for got, want in pairs:
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert relative_error(g, w) < tolerance
+    backward = lambda f: jax.make_jaxpr(lambda x, g: jax.vjp(lambda x: f(x, basis), x)[1](g))
+    dots = lambda f: sum(1 for _ in _dot_generals(backward(f)(x, ref(x, basis)).jaxpr))
+    assert dots(ref) == 2 and dots(mine) == 1  # the forward's only

@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from se3jax.basis import harmonics_dim, num_frequencies, path_basis_matrix
 from se3jax.edges import EdgeInputs
@@ -241,6 +242,43 @@ def channels_last_weights(kernel: jax.Array, plan: ConvPlan) -> tuple[jax.Array,
     return tuple(flipped)
 
 
+# The basis contraction's x-derivative ``eifk,elfk->eil`` is a batched dot of tiny matrices, which
+# XLA's CPU dots ran at ~0.5-2 GFLOP/s; for groups of at most this many columns ``(f, k)`` it runs
+# as broadcast products (:func:`basis_contraction`). QM9 training at batch 100, steps alternated in
+# one process: 0.918 and 0.942 of the step time (8 and 16 rounds) at 9 columns, 0.991 at 15, 1.036
+# at 25; the trunk at 10^4 edges 0.96 at 9 (docs/performance.md). Measured on a CPU only.
+BROADCAST_DERIVATIVE_COLUMNS = 9
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def basis_contraction(x: jax.Array, basis: jax.Array, policy: Policy) -> jax.Array:
+    """``tmp[e, i, f, k] = sum_l x[e, i, l] basis[e, l, f, k]`` under ``policy`` (result in its
+    compute dtype), whose derivative in ``x`` runs as broadcast products: the tangent is written
+    per output column ``(f, k)`` as a sum over ``l``, so its transpose -- the backward pass -- is a
+    sum over columns of broadcast products, one loop fusion instead of a batched dot of tiny
+    matrices. The same function and derivatives (first and second, forward and reverse mode)."""
+    return policy.einsum("eil,elfk->eifk", x, basis, wide_result=False)
+
+
+def _basis_contraction_jvp(policy, primals, tangents):
+    x, basis = primals
+    dx, dbasis = tangents  # symbolic zeros where not differentiated (the basis, in training)
+    out = basis_contraction(x, basis, policy)
+    tangent = jnp.zeros_like(out)
+    if not isinstance(dx, SymbolicZero):
+        acc = policy.accumulation_dtype
+        columns = basis.reshape(basis.shape[0], basis.shape[1], -1).astype(acc)  # [e, l, (f, k)]
+        dx = dx.astype(acc)
+        per_column = [jnp.sum(dx * columns[:, None, :, c], axis=-1) for c in range(columns.shape[2])]
+        tangent = jnp.stack(per_column, axis=-1).reshape(out.shape).astype(out.dtype)
+    if not isinstance(dbasis, SymbolicZero):
+        tangent = tangent + policy.einsum("eil,elfk->eifk", x, dbasis, wide_result=False)
+    return out, tangent
+
+
+basis_contraction.defjvp(_basis_contraction_jvp, symbolic_zeros=True)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def channels_last_messages(h: jax.Array, w: jax.Array, t: jax.Array, policy: Policy, w_jo: jax.Array) -> jax.Array:
     """:func:`~se3jax.layers.fused_kernel.reference_messages` (the same function and gradients)
@@ -316,7 +354,10 @@ def tfn_messages(
         with jax.named_scope("tfn_contraction"):
             x = jnp.concatenate([x_src[a] for a in group.in_degrees], axis=-1)  # [E, i, l]
             # tmp[e, i, f, k] = sum_l x[e, i, l] basis[e, l, f, k]
-            tmp = policy.einsum("eil,elfk->eifk", x, basis, wide_result=False)
+            if kernel_choice == "xla_channels_last" and group.n_freq * group.out_dim <= BROADCAST_DERIVATIVE_COLUMNS:
+                tmp = basis_contraction(x, basis, policy)
+            else:
+                tmp = policy.einsum("eil,elfk->eifk", x, basis, wide_result=False)
         # the group's per-row radial weights are h @ w ([mid, o*i*f]), laid out as [R, o, (i, f)]
         t = tmp.reshape(num_rows, 2 if paired else 1, group.c_in * group.n_freq, group.out_dim)  # [R, S, j, k]
         if kernel_choice == "xla_channels_last":
