@@ -250,14 +250,20 @@ def channels_last_weights(kernel: jax.Array, plan: ConvPlan) -> tuple[jax.Array,
 BROADCAST_DERIVATIVE_COLUMNS = 9
 
 
+def basis_einsum(x: jax.Array, basis: jax.Array, policy: Policy) -> jax.Array:
+    """``tmp[e, i, f, k] = sum_l x[e, i, l] basis[e, l, f, k]`` under ``policy`` (result in its
+    compute dtype)."""
+    return policy.einsum("eil,elfk->eifk", x, basis, wide_result=False)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def basis_contraction(x: jax.Array, basis: jax.Array, policy: Policy) -> jax.Array:
-    """``tmp[e, i, f, k] = sum_l x[e, i, l] basis[e, l, f, k]`` under ``policy`` (result in its
-    compute dtype), whose derivative in ``x`` runs as broadcast products: the tangent is written
-    per output column ``(f, k)`` as a sum over ``l``, so its transpose -- the backward pass -- is a
-    sum over columns of broadcast products, one loop fusion instead of a batched dot of tiny
-    matrices. The same function and derivatives (first and second, forward and reverse mode)."""
-    return policy.einsum("eil,elfk->eifk", x, basis, wide_result=False)
+    """:func:`basis_einsum`, whose derivative in ``x`` runs as broadcast products: the tangent is
+    written per output column ``(f, k)`` as a sum over ``l``, so its transpose -- the backward
+    pass -- is a sum over columns of broadcast products, one loop fusion instead of a batched dot
+    of tiny matrices. The same function and derivatives (first and second, forward and reverse
+    mode)."""
+    return basis_einsum(x, basis, policy)
 
 
 def _basis_contraction_jvp(policy, primals, tangents):
@@ -272,7 +278,7 @@ def _basis_contraction_jvp(policy, primals, tangents):
         per_column = [jnp.sum(dx * columns[:, None, :, c], axis=-1) for c in range(columns.shape[2])]
         tangent = jnp.stack(per_column, axis=-1).reshape(out.shape).astype(out.dtype)
     if not isinstance(dbasis, SymbolicZero):
-        tangent = tangent + policy.einsum("eil,elfk->eifk", x, dbasis, wide_result=False)
+        tangent = tangent + basis_einsum(x, dbasis, policy)
     return out, tangent
 
 
@@ -353,11 +359,10 @@ def tfn_messages(
             basis = group_basis(bases, group)  # [E, l, f, k]
         with jax.named_scope("tfn_contraction"):
             x = jnp.concatenate([x_src[a] for a in group.in_degrees], axis=-1)  # [E, i, l]
-            # tmp[e, i, f, k] = sum_l x[e, i, l] basis[e, l, f, k]
-            if kernel_choice == "xla_channels_last" and group.n_freq * group.out_dim <= BROADCAST_DERIVATIVE_COLUMNS:
-                tmp = basis_contraction(x, basis, policy)
-            else:
-                tmp = policy.einsum("eil,elfk->eifk", x, basis, wide_result=False)
+            broadcast = (
+                kernel_choice == "xla_channels_last" and group.n_freq * group.out_dim <= BROADCAST_DERIVATIVE_COLUMNS
+            )
+            tmp = (basis_contraction if broadcast else basis_einsum)(x, basis, policy)  # [E, i, f, k]
         # the group's per-row radial weights are h @ w ([mid, o*i*f]), laid out as [R, o, (i, f)]
         t = tmp.reshape(num_rows, 2 if paired else 1, group.c_in * group.n_freq, group.out_dim)  # [R, S, j, k]
         if kernel_choice == "xla_channels_last":
