@@ -7,11 +7,19 @@ Graphs: ``molecules`` (QM9-sized synthetic molecules batched, bond edges), ``clo
 point cloud, radius graph, ~24 neighbours per point) and ``box`` (a periodic box at water's
 density, 0.1 atoms/A^3, cutoff 3.5 A, ~18 neighbours, image shifts in the edge vectors); the
 radius graphs are padded to 1.2x their mean number of edges (``max_edges``). The graph is built
-once per size; each row times the compiled step (median of --steps after one warm-up), and
-reports XLA's memory analysis of the compiled step (arguments + outputs + temporaries) and the
-process's peak RSS so far (sizes run in increasing order, so it is the largest size's; with
---isolate, the row's own). The QM9 model runs on ``molecules`` up to --qm9-max-edges. Prints a
-table, writes the rows as JSON (--out) and a log-log plot of time and peak RSS per edge (--plot).
+once per size; each row times the compiled step (the median of at least --steps steps and
+--min-seconds, after one warm-up: small graphs take more steps), with the execution plan of its mode
+(the forward pass with ``Execution(mode="infer")``, as inference asks for it), and reports XLA's
+memory analysis of the compiled step (arguments + outputs + temporaries) and the process's peak
+RSS so far (sizes run in increasing order, so it is the largest size's; with --isolate, the
+row's own). The QM9 model runs on ``molecules`` up to --qm9-max-edges. Prints a table, writes
+the rows as JSON (--out) and a log-log plot of time per edge and peak RSS (--plot).
+
+Peak RSS holds a fixed part that no graph changes (the libraries loaded: 0.22 GB for JAX, 0.36
+GB for torch, DGL and NVIDIA's model; for se3jax also the compiler's scratch memory while it
+compiles the step: ~0.37 GB for the trunk's training step) and a part that grows with the edges.
+With two or more sizes, a second table gives that growth: the peak RSS added per added edge
+between consecutive sizes of each series, and the ratio to NVIDIA's over the same sizes.
 
 With ``--reference`` (NVIDIA's ``DGLPyTorch/DrugDiscovery/SE3Transformer`` folder) and
 ``--reference-python`` (a Python with torch, dgl and e3nn 0.3.3, as for
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -98,10 +107,14 @@ def graph_arguments(g) -> dict:
 TRUNK_FIBERS = ({0: 8, 1: 2}, (3, 16), {1: 1, 2: 1})
 
 
-def trunk_steps(g):
+# Each step runs with the execution plan of its mode, as a user would ask for it: the forward
+# pass with Execution(mode="infer") (on a CPU, smaller edge chunks), the training step with the
+# default (train).
+def trunk_step(g, mode: str):
     fiber_in, (degrees, channels), fiber_out = TRUNK_FIBERS
+    execution = Execution(mode="infer" if mode == "forward" else "train")
     trunk = SE3Transformer(
-        Fiber(fiber_in), Fiber.create(degrees, channels), Fiber(fiber_out), num_layers=2, execution=Execution()
+        Fiber(fiber_in), Fiber.create(degrees, channels), Fiber(fiber_out), num_layers=2, execution=execution
     )
     n = g["positions"].shape[0]
     features = {0: jnp.ones((n, 8, 1)), 1: jnp.zeros((n, 2, 3))}
@@ -114,11 +127,11 @@ def trunk_steps(g):
     params = init_params(trunk, jax.random.PRNGKey(0), features, edges(g["positions"], graph_arguments(g)))
     forward = lambda p, x, e: trunk.apply(p, features, edges(x, e))
     loss = lambda p, x, e: sum(jnp.sum(v**2) for v in forward(p, x, e).values())
-    return params, forward, jax.grad(loss), graph_arguments(g)
+    return params, forward if mode == "forward" else jax.grad(loss), graph_arguments(g)
 
 
-def qm9_steps(g):
-    model = SE3TransformerPooled()
+def qm9_step(g, mode: str):
+    model = SE3TransformerPooled(execution=Execution(mode="infer" if mode == "forward" else "train"))
     graphs = jax.tree.map(jnp.asarray, g["graphs"])
     params = init_params(model, jax.random.PRNGKey(0), graphs)
 
@@ -127,7 +140,7 @@ def qm9_steps(g):
 
     forward = lambda p, x, graphs: model.apply(p, with_positions(x, graphs))
     loss = lambda p, x, graphs: jnp.sum(forward(p, x, graphs) ** 2)
-    return params, forward, jax.grad(loss), graphs
+    return params, forward if mode == "forward" else jax.grad(loss), graphs
 
 
 # NVIDIA's SE3Transformer with the trunk's fibers on one graph: forward (inference mode) or
@@ -135,9 +148,11 @@ def qm9_steps(g):
 REFERENCE_TRUNK_DRIVER = (
     REFERENCE_PREAMBLE
     + r"""
+import math
 from se3_transformer.model import Fiber, SE3Transformer
 
 path, mode, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+min_seconds = float(sys.argv[5])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 data = np.load(path)
@@ -158,12 +173,15 @@ def step():
         return loss.item()
     with torch.inference_mode():
         return sum(v.sum() for v in model(graph, node_feats).values()).item()
-print(json.dumps({"seconds": median_step_seconds(step, 1, steps), "peak_rss_bytes": peak_rss()}))
+start = time.perf_counter()
+step()  # the warm-up, timed to choose the number of steps
+steps = max(steps, math.ceil(min_seconds / (time.perf_counter() - start)))
+print(json.dumps({"seconds": median_step_seconds(step, 0, steps), "peak_rss_bytes": peak_rss()}))
 """
 )
 
 
-def run_reference(g, mode: str, steps: int, reference: Path, python: str, threads: int) -> dict:
+def run_reference(g, mode: str, steps: int, min_seconds: float, reference: Path, python: str, threads: int) -> dict:
     """NVIDIA's trunk on graph ``g`` (real edges only) in its own process."""
     real = np.asarray(g["mask"])
     senders, receivers = np.asarray(g["senders"])[real], np.asarray(g["receivers"])[real]
@@ -182,15 +200,20 @@ def run_reference(g, mode: str, steps: int, reference: Path, python: str, thread
         driver.write_text(REFERENCE_TRUNK_DRIVER)
         env = {**thread_env(threads), "PYTHONPATH": str(reference)}
         command = [python, str(driver), str(data), "train" if mode == "train" else "infer", str(steps), str(threads)]
+        command.append(str(min_seconds))
         done = subprocess.run(command, env=env, cwd=reference, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the reference failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def time_compiled(fn, args, steps: int):
+def time_compiled(fn, args, steps: int, min_seconds: float):
+    """The median step time over at least ``steps`` steps and ``min_seconds`` (small graphs take
+    more steps: one 0.1 s step is mostly noise), and XLA's memory analysis."""
     compiled = compile_and_release(jax.jit(fn), *args)  # as the benchmarks: no compiler scratch kept
-    times = time_steps(lambda: jax.block_until_ready(compiled(*args)), 1, steps)
+    run = lambda: jax.block_until_ready(compiled(*args))
+    (warmup,) = time_steps(run, 0, 1)
+    times = time_steps(run, 0, max(steps, math.ceil(min_seconds / warmup)))
     return statistics.median(times), memory_stats(compiled)
 
 
@@ -213,16 +236,14 @@ def measure(num_edges: int, kind: str, modes, args) -> list[dict]:
     rng = np.random.default_rng([num_edges, ("molecules", "cloud", "box").index(kind)])
     g = molecules(num_edges, rng) if kind == "molecules" else radius(num_edges, rng, kind == "box")
     real_edges = int(jnp.sum(g["mask"]))
-    models = [("trunk", trunk_steps)]
+    models = [("trunk", trunk_step)]
     if kind == "molecules" and num_edges <= args.qm9_max_edges:
-        models.append(("qm9", qm9_steps))
+        models.append(("qm9", qm9_step))
     rows = []
     for model_name, make in models:
-        params, forward, train, graph = make(g)
         for mode in modes:
-            seconds, memory = time_compiled(
-                forward if mode == "forward" else train, (params, g["positions"], graph), args.steps
-            )
+            params, step, graph = make(g, mode)
+            seconds, memory = time_compiled(step, (params, g["positions"], graph), args.steps, args.min_seconds)
             rows.append(
                 dict(
                     model=model_name, graph=kind, mode=mode, edges=real_edges, padded_edges=int(g["mask"].shape[0]),
@@ -231,8 +252,8 @@ def measure(num_edges: int, kind: str, modes, args) -> list[dict]:
             )  # fmt: skip
             rows[-1]["bytes_per_edge"] = rows[-1].get("total_bytes", float("nan")) / real_edges
             print_row(rows[-1])
-    for mode in modes if args.reference else ():
-        done = run_reference(g, mode, args.steps, args.reference, args.reference_python, args.threads)
+    for mode in modes if args.reference and num_edges <= args.reference_max_edges else ():
+        done = run_reference(g, mode, args.steps, args.min_seconds, args.reference, args.reference_python, args.threads)
         rows.append(
             dict(
                 model="nvidia", graph=kind, mode=mode, edges=real_edges, seconds=done["seconds"],
@@ -244,16 +265,53 @@ def measure(num_edges: int, kind: str, modes, args) -> list[dict]:
     return rows
 
 
+def memory_growth(rows) -> list[dict]:
+    """Peak RSS added per added edge between consecutive sizes of each (model, graph, mode)
+    series: the part of the memory that grows with the graph, without the fixed part."""
+    series = {}
+    for r in rows:
+        series.setdefault((r["model"], r["graph"], r["mode"]), []).append(r)
+    growth = []
+    for (model, graph, mode), points in sorted(series.items()):
+        points = sorted(points, key=lambda r: r["edges"])
+        for a, b in zip(points, points[1:]):
+            added = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (b["edges"] - a["edges"])
+            growth.append(
+                dict(model=model, graph=graph, mode=mode, from_edges=a["edges"], to_edges=b["edges"],
+                     bytes_per_added_edge=added)
+            )  # fmt: skip
+    return growth
+
+
+def print_growth(growth) -> None:
+    if not growth:
+        return
+    nvidia = {(g["graph"], g["mode"], g["from_edges"], g["to_edges"]): g for g in growth if g["model"] == "nvidia"}
+    print("\npeak RSS added per added edge (bytes), and the ratio to NVIDIA's over the same sizes")
+    for g in growth:
+        ref = nvidia.get((g["graph"], g["mode"], g["from_edges"], g["to_edges"]))
+        ratio = f"{g['bytes_per_added_edge'] / ref['bytes_per_added_edge']:.2f}x" if ref and g is not ref else ""
+        print(
+            f"{g['model']:>6} {g['graph']:>9} {g['mode']:>8} {g['from_edges']:>9} -> {g['to_edges']:<9}"
+            f" {g['bytes_per_added_edge']:>8.0f} {ratio}"
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edges", type=int, nargs="+", default=[1000, 3000, 10000, 30000])
     parser.add_argument("--graphs", nargs="+", default=["molecules", "cloud", "box"])
     parser.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"])
     parser.add_argument("--qm9-max-edges", type=int, default=3000)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median), at least")
+    parser.add_argument("--min-seconds", type=float, default=5.0, help="and at least this long in timed steps")
     parser.add_argument("--isolate", action="store_true", help="each graph and mode in its own process (own RSS)")
     parser.add_argument("--reference", type=Path, help="NVIDIA's DGLPyTorch/DrugDiscovery/SE3Transformer folder")
     parser.add_argument("--reference-python", help="a Python with torch, dgl and e3nn for the reference")
+    parser.add_argument(
+        "--reference-max-edges", type=int, default=300_000,
+        help="run the reference up to this many edges (its training needs ~65 kB per edge)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="the reference's torch threads")
     parser.add_argument("--rows-json", help=argparse.SUPPRESS)  # an --isolate child writes its rows here
     parser.add_argument("--out", default=None)
@@ -273,17 +331,25 @@ def main():
                 with tempfile.TemporaryDirectory() as tmp:
                     out = Path(tmp) / "rows.json"
                     command = [sys.executable, __file__, "--edges", str(num_edges), "--graphs", kind, "--modes", mode]
-                    command += ["--steps", str(args.steps), "--qm9-max-edges", str(args.qm9_max_edges)]
+                    command += ["--steps", str(args.steps), "--min-seconds", str(args.min_seconds)]
+                    command += ["--qm9-max-edges", str(args.qm9_max_edges)]
                     command += ["--rows-json", str(out), "--threads", str(args.threads)]
                     if args.reference:
                         command += ["--reference", str(args.reference), "--reference-python", args.reference_python]
+                        command += ["--reference-max-edges", str(args.reference_max_edges)]
                     subprocess.run(command, check=True)
                     rows += json.loads(out.read_text())
     if args.rows_json:
         Path(args.rows_json).write_text(json.dumps(rows))
+        return
+    growth = memory_growth(rows)
+    print_growth(growth)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(backend=jax.default_backend(), device=str(jax.devices()[0]), rows=rows), f, indent=1)
+            json.dump(
+                dict(backend=jax.default_backend(), device=str(jax.devices()[0]), rows=rows, memory_growth=growth),
+                f, indent=1,
+            )  # fmt: skip
     if args.plot:
         plot(rows, args.plot)
 
@@ -298,7 +364,7 @@ def plot(rows, path):
     series = sorted({(r["model"], r["graph"], r["mode"]) for r in rows})
     for key in series:
         pts = sorted(
-            (r["edges"], r["seconds_per_edge"] * 1e6, r["peak_rss_bytes"] / r["edges"])
+            (r["edges"], r["seconds_per_edge"] * 1e6, r["peak_rss_bytes"] / 1e6)
             for r in rows
             if (r["model"], r["graph"], r["mode"]) == key
         )
@@ -307,7 +373,8 @@ def plot(rows, path):
         style = dict(marker="o", linestyle="--" if key[0] == "nvidia" else "-")
         axes[0].plot(e, [p[1] for p in pts], label=label, **style)
         axes[1].plot(e, [p[2] for p in pts], **style)
-    for ax, label in zip(axes, ("time per edge (us)", "peak RSS per edge (bytes)")):
+    # memory as a whole, not per edge: a fixed part (runtime, compiler) plus a part that grows
+    for ax, label in zip(axes, ("time per edge (us)", "peak RSS (MB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("edges")
