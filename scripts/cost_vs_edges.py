@@ -47,7 +47,6 @@ from side_by_side import REFERENCE_PREAMBLE, thread_env  # scripts/, this folder
 
 from se3jax.benchmarking import memory_stats, time_steps
 from se3jax.edges import edge_inputs
-from se3jax.execution import Execution
 from se3jax.fiber import Fiber
 from se3jax.graphs import FEATURES, POSITIONS, padding_masks
 from se3jax.host_memory import compile_and_release, peak_rss_bytes
@@ -107,15 +106,19 @@ def graph_arguments(g) -> dict:
 TRUNK_FIBERS = ({0: 8, 1: 2}, (3, 16), {1: 1, 2: 1})
 
 
-# Each step runs with the execution plan of its mode, as a user would ask for it: the forward
-# pass with Execution(mode="infer") (on a CPU, smaller edge chunks), the training step with the
-# default (train).
-def trunk_step(g, mode: str):
+def steps_by_mode(model, forward) -> dict:
+    """Each mode's step with the execution plan of that mode, as a user asks for it: the forward
+    pass with ``Execution(mode="infer")`` (on a CPU, smaller edge chunks), the gradient of the
+    outputs' sum of squares with the training plan. ``forward(model)`` is the model's forward
+    function; the parameters are the same for both (a plan never changes them)."""
+    infer, train = (model.clone(execution=model.execution.for_mode(m)) for m in ("infer", "train"))
+    loss = lambda p, *args: sum(jnp.sum(v**2) for v in jax.tree.leaves(forward(train)(p, *args)))
+    return {"forward": forward(infer), "train": jax.grad(loss)}
+
+
+def trunk_steps(g):
     fiber_in, (degrees, channels), fiber_out = TRUNK_FIBERS
-    execution = Execution(mode="infer" if mode == "forward" else "train")
-    trunk = SE3Transformer(
-        Fiber(fiber_in), Fiber.create(degrees, channels), Fiber(fiber_out), num_layers=2, execution=execution
-    )
+    trunk = SE3Transformer(Fiber(fiber_in), Fiber.create(degrees, channels), Fiber(fiber_out), num_layers=2)
     n = g["positions"].shape[0]
     features = {0: jnp.ones((n, 8, 1)), 1: jnp.zeros((n, 2, 3))}
 
@@ -125,22 +128,20 @@ def trunk_step(g, mode: str):
         )
 
     params = init_params(trunk, jax.random.PRNGKey(0), features, edges(g["positions"], graph_arguments(g)))
-    forward = lambda p, x, e: trunk.apply(p, features, edges(x, e))
-    loss = lambda p, x, e: sum(jnp.sum(v**2) for v in forward(p, x, e).values())
-    return params, forward if mode == "forward" else jax.grad(loss), graph_arguments(g)
+    forward = lambda model: lambda p, x, e: model.apply(p, features, edges(x, e))
+    return params, steps_by_mode(trunk, forward), graph_arguments(g)
 
 
-def qm9_step(g, mode: str):
-    model = SE3TransformerPooled(execution=Execution(mode="infer" if mode == "forward" else "train"))
+def qm9_steps(g):
+    model = SE3TransformerPooled()
     graphs = jax.tree.map(jnp.asarray, g["graphs"])
     params = init_params(model, jax.random.PRNGKey(0), graphs)
 
     def with_positions(x, graphs):
         return graphs._replace(nodes={**graphs.nodes, POSITIONS: x, FEATURES: graphs.nodes[FEATURES]})
 
-    forward = lambda p, x, graphs: model.apply(p, with_positions(x, graphs))
-    loss = lambda p, x, graphs: jnp.sum(forward(p, x, graphs) ** 2)
-    return params, forward if mode == "forward" else jax.grad(loss), graphs
+    forward = lambda model: lambda p, x, graphs: model.apply(p, with_positions(x, graphs))
+    return params, steps_by_mode(model, forward), graphs
 
 
 # NVIDIA's SE3Transformer with the trunk's fibers on one graph: forward (inference mode) or
@@ -236,14 +237,14 @@ def measure(num_edges: int, kind: str, modes, args) -> list[dict]:
     rng = np.random.default_rng([num_edges, ("molecules", "cloud", "box").index(kind)])
     g = molecules(num_edges, rng) if kind == "molecules" else radius(num_edges, rng, kind == "box")
     real_edges = int(jnp.sum(g["mask"]))
-    models = [("trunk", trunk_step)]
+    models = [("trunk", trunk_steps)]
     if kind == "molecules" and num_edges <= args.qm9_max_edges:
-        models.append(("qm9", qm9_step))
+        models.append(("qm9", qm9_steps))
     rows = []
     for model_name, make in models:
+        params, steps, graph = make(g)
         for mode in modes:
-            params, step, graph = make(g, mode)
-            seconds, memory = time_compiled(step, (params, g["positions"], graph), args.steps, args.min_seconds)
+            seconds, memory = time_compiled(steps[mode], (params, g["positions"], graph), args.steps, args.min_seconds)
             rows.append(
                 dict(
                     model=model_name, graph=kind, mode=mode, edges=real_edges, padded_edges=int(g["mask"].shape[0]),
